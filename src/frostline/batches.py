@@ -1,0 +1,41 @@
+"""Batches as frostline passes them to models: a tensor, or a mapping of keyword tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+Batch = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def call_model(model: nn.Module, batch: Batch) -> Any:
+    """Run `model` on `batch`: keyword arguments for a mapping (transformers style), else one argument."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    return model(batch)
+
+
+def batch_size(batch: Batch) -> int:
+    """Number of examples in `batch` (the first dimension of its first tensor)."""
+    if isinstance(batch, Mapping):
+        return next(iter(batch.values())).shape[0]
+    return batch.shape[0]
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits tensor of a model output: a tensor, a transformers `ModelOutput`, a tuple or a dict."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if "logits" in output:
+            return output["logits"]
+        return next(v for v in output.values() if isinstance(v, torch.Tensor))
+    if isinstance(output, (tuple, list)):
+        return next(v for v in output if isinstance(v, torch.Tensor))
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(f"cannot find a logits tensor in a model output of type {type(output).__name__}")

@@ -1,0 +1,1 @@
+"""The `frostline` command line: one module per subcommand."""

