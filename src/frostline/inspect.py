@@ -26,6 +26,9 @@ _LIBRARY_HEADS: dict[str, tuple[str, ...]] = {
     "efficientnet_lite_pytorch.": ("_fc",),
 }
 
+# Names under which models of any origin usually keep their head; used when tracing cannot tell.
+_COMMON_HEADS = ("classifier", "fc", "head", "heads", "score", "_fc")
+
 
 @dataclass(frozen=True)
 class MapEntry:
@@ -251,6 +254,10 @@ def _find_head(model: nn.Module, modules: dict[str, nn.Module], trace: _Trace) -
     if producers:
         deepest = max(producers, key=lambda p: p.count(".") + 1)
         return _climb(deepest, modules), "the module whose output is the model's output"
+
+    for attr in _COMMON_HEADS:
+        if usable(attr):
+            return attr, f"the conventional head name '{attr}'"
 
     for module in reversed(trace.finished):
         path = names[module]

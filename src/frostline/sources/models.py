@@ -24,6 +24,7 @@ from frostline.errors import ModelRefError
 from frostline.sources.heads import replace_head
 from frostline.sources.source import ModelSource
 
+SCHEMES = ["hf", "timm", "torchvision", "py"]
 FORMS = ["hf:PATH", "hf:minilm", "efficientnet-lite0", "timm:NAME", "torchvision:NAME", "py:module:factory"]
 
 
@@ -58,7 +59,10 @@ def open_model(ref: str, num_classes: int | None = None) -> ModelSource:
         from frostline.sources.vision import open_efficientnet_lite0
 
         return open_efficientnet_lite0(num_classes)
-    close = difflib.get_close_matches(ref, FORMS, n=2, cutoff=0.4)
+    if sep:
+        close = [f"{s}:{rest}" for s in difflib.get_close_matches(scheme, SCHEMES, n=1, cutoff=0.5)]
+    else:
+        close = difflib.get_close_matches(ref, FORMS, n=2, cutoff=0.4)
     hint = f" (did you mean {' or '.join(close)}?)" if close else ""
     raise ModelRefError(f"unknown model reference {ref!r}{hint}; the forms are {', '.join(FORMS)}")
 

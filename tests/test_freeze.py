@@ -1,0 +1,189 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from frostline.errors import FreezeSpecError
+from frostline.freeze import FreezeSpec, freeze, is_held_in_eval, plan_freeze
+from frostline.inspect import inspect_model
+
+
+def _trainable(model):
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def _snapshot(model):
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("head", FreezeSpec("head")),
+        ("last:2", FreezeSpec("last", n=2)),
+        ("from:blocks.1", FreezeSpec("from", path="blocks.1")),
+        ("none", FreezeSpec("none")),
+        ("bitfit", FreezeSpec("bitfit")),
+        ("train=head.*,stem", FreezeSpec("train", globs=("head.*", "stem"))),
+        ("freeze=stem", FreezeSpec("freeze", globs=("stem",))),
+        ("last:1;bn=train", FreezeSpec("last", n=1, bn="train")),
+        ("last:1 bn=train", FreezeSpec("last", n=1, bn="train")),
+    ],
+)
+def test_spec_strings_parse(text, expected):
+    assert FreezeSpec.parse(text) == expected
+
+
+@given(
+    st.one_of(
+        st.just(FreezeSpec("head")),
+        st.builds(FreezeSpec, mode=st.just("last"), n=st.integers(0, 50), bn=st.sampled_from(["eval", "train"])),
+        st.builds(
+            FreezeSpec, mode=st.just("from"), path=st.from_regex(r"[a-z_]{1,8}(\.[0-9a-z_]{1,4}){0,3}", fullmatch=True)
+        ),
+        st.builds(
+            FreezeSpec,
+            mode=st.sampled_from(["train", "freeze"]),
+            globs=st.lists(st.from_regex(r"[a-z_*.]{1,10}", fullmatch=True), min_size=1, max_size=3).map(tuple),
+        ),
+    )
+)
+def test_spec_round_trips_through_its_string(spec):
+    assert FreezeSpec.parse(str(spec)) == spec
+
+
+def test_spec_from_dict():
+    assert FreezeSpec.parse({"mode": "train", "globs": "head.*"}) == FreezeSpec("train", globs=("head.*",))
+    with pytest.raises(FreezeSpecError, match="unknown freeze spec keys"):
+        FreezeSpec.parse({"mode": "head", "layers": 3})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("lats:2", "did you mean last:N"),
+        ("last:two", "whole number"),
+        ("bn=train", "add what trains"),
+        ("head;last:2", "two selections"),
+        ("", "empty freeze spec"),
+        ("train=", "at least one pattern"),
+        ("last:1;bn=frozen", "bn=frozen is not a BatchNorm policy"),
+    ],
+)
+def test_malformed_specs_are_named(text, message):
+    with pytest.raises(FreezeSpecError, match=message):
+        FreezeSpec.parse(text)
+
+
+def test_head_trains_only_the_head(tiny_cnn):
+    model, x = tiny_cnn
+    plan = freeze(model, "head", example_batch=x)
+
+    assert _trainable(model) == ["head.1.bias", "head.1.weight"]
+    assert plan.trainable_tensors == 2
+
+
+def test_last_n_trains_the_last_blocks_and_what_follows(tiny_cnn):
+    model, x = tiny_cnn
+    freeze(model, "last:2", example_batch=x)
+
+    assert {n.split(".")[0] + "." + n.split(".")[1] for n in _trainable(model)} == {"blocks.1", "blocks.2", "head.1"}
+
+
+def test_from_path_and_from_container(tiny_cnn):
+    model, x = tiny_cnn
+    model_map = inspect_model(model, x)
+
+    assert plan_freeze(model, "from:blocks.2", model_map).trainable == plan_freeze(model, "last:1", model_map).trainable
+    assert plan_freeze(model, "from:blocks", model_map).trainable == plan_freeze(model, "last:3", model_map).trainable
+
+
+def test_none_bitfit_and_globs(tiny_cnn):
+    model, x = tiny_cnn
+    model_map = inspect_model(model, x)
+
+    assert plan_freeze(model, "none", model_map).trainable_tensors == 16
+    bitfit = plan_freeze(model, "bitfit", model_map).trainable
+    assert bitfit == {n for n, _ in model.named_parameters() if n.endswith("bias")} | {"head.1.weight"}
+    assert plan_freeze(model, "train=stem", model_map).trainable == {"stem.weight", "stem.bias"}
+    assert plan_freeze(model, "train=blocks.*.1.weight", model_map).trainable == {
+        f"blocks.{i}.1.weight" for i in range(3)
+    }
+    assert plan_freeze(model, "freeze=stem,blocks.0", model_map).trainable_tensors == 16 - 2 - 4
+
+
+def test_plan_counts_per_entry_before_and_after(tiny_cnn):
+    model, x = tiny_cnn
+    plan = freeze(model, "last:1", example_batch=x)
+
+    rows = {e.path: (e.trainable_tensors_before, e.trainable_tensors_after) for e in plan.entries}
+    assert rows == {"stem": (2, 0), "blocks.0": (4, 0), "blocks.1": (4, 0), "blocks.2": (4, 4), "head": (2, 2)}
+    assert plan.trainable_params == 600 + 27
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("last:4", r"last:4 asks for 4 blocks, but the model has 3 \(blocks.0, blocks.1, blocks.2\); use last:3"),
+        ("from:blocks.7", "names no entry of the model map; did you mean blocks.2 or blocks.1 or blocks.0"),
+        ("from:stemm", "did you mean stem"),
+        ("train=haed.*", "pattern 'haed.*' matches no parameter or block; closest names: head"),
+        ("freeze=blocks.9.*,stem", "pattern 'blocks.9.*' matches no parameter"),
+    ],
+)
+def test_invalid_spec_lists_close_names_and_changes_nothing(tiny_cnn, spec, message):
+    model, x = tiny_cnn
+    freeze(model, "head", example_batch=x)
+    before = _snapshot(model)
+
+    with pytest.raises(FreezeSpecError, match=message):
+        freeze(model, spec, example_batch=x)
+
+    assert _snapshot(model) == before
+
+
+def test_bitfit_without_biases_is_an_error():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False), torch.nn.Linear(3, 2, bias=False))
+    with pytest.raises(FreezeSpecError, match="no parameter named"):
+        freeze(model, "bitfit", example_batch=torch.randn(2, 3))
+
+
+def test_bn_eval_keeps_frozen_batchnorm_in_eval_after_model_train(tiny_cnn):
+    model, x = tiny_cnn
+    plan = freeze(model, "last:1", example_batch=x)
+    stats = {n: b.clone() for n, b in model.named_buffers()}
+
+    model.train()
+    model(x)
+
+    assert plan.held_in_eval == ("blocks.0.1", "blocks.1.1")
+    assert is_held_in_eval(model.blocks[0][1])
+    assert not model.blocks[0][1].training
+    assert torch.equal(model.blocks[0][1].running_mean, stats["blocks.0.1.running_mean"])
+    # the trainable block's BatchNorm still learns its statistics
+    assert model.blocks[2][1].training
+    assert not torch.equal(model.blocks[2][1].running_mean, stats["blocks.2.1.running_mean"])
+
+
+def test_bn_train_lets_frozen_batchnorm_update(tiny_cnn):
+    model, x = tiny_cnn
+    freeze(model, "last:1", example_batch=x)
+    plan = freeze(model, "last:1;bn=train", example_batch=x)
+    before = model.blocks[0][1].running_mean.clone()
+
+    model.train()
+    model(x)
+
+    assert plan.held_in_eval == ()
+    assert not is_held_in_eval(model.blocks[0][1])
+    assert not torch.equal(model.blocks[0][1].running_mean, before)
+
+
+def test_refreezing_with_more_blocks_releases_batchnorm(tiny_cnn):
+    model, x = tiny_cnn
+    freeze(model, "head", example_batch=x)
+    freeze(model, "none", example_batch=x)
+
+    model.train()
+    assert all(m.training for m in model.modules())
+    assert not any(is_held_in_eval(m) for m in model.modules())
