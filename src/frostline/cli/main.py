@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except FrostlineError as err:
-        Console(stderr=True).print(Text("error: ", style="bold red") + Text(str(err)))
+        Console(stderr=True, soft_wrap=True).print(Text("error: ", style="bold red") + Text(str(err)))
         return 1
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
