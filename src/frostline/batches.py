@@ -39,3 +39,20 @@ def logits_of(output: Any) -> torch.Tensor:
     if isinstance(logits, torch.Tensor):
         return logits
     raise TypeError(f"cannot find a logits tensor in a model output of type {type(output).__name__}")
+
+
+def split_batch(batch: Any) -> tuple[Batch, torch.Tensor]:
+    """(inputs, targets) from a loader's batch: an (inputs, targets) pair, or a mapping with a `labels` key."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, Mapping) and "labels" in batch:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return inputs, batch["labels"]
+    raise TypeError(f"a batch must be (inputs, targets) or a mapping with a 'labels' key, got {type(batch).__name__}")
+
+
+def batch_to(batch: Batch, device: torch.device | str) -> Batch:
+    """Move a tensor or mapping batch to `device`."""
+    if isinstance(batch, Mapping):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True)

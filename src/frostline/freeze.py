@@ -137,6 +137,8 @@ class EntryChange:
     trainable_params_before: int
     trainable_tensors_after: int
     trainable_params_after: int
+    param_names: tuple[str, ...] = field(default=(), repr=False)
+    """Names of the parameter tensors this entry owns."""
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,7 @@ class FreezePlan:
             "trainable_tensors": self.trainable_tensors,
             "trainable_params": self.trainable_params,
             "held_in_eval": list(self.held_in_eval),
-            "entries": [asdict(e) for e in self.entries],
+            "entries": [{k: v for k, v in asdict(e).items() if k != "param_names"} for e in self.entries],
         }
 
 
@@ -219,6 +221,7 @@ def plan_freeze(model: nn.Module, spec: str | dict[str, Any] | FreezeSpec, model
                 trainable_params_before=sum(p.numel() for p in owned if p.requires_grad),
                 trainable_tensors_after=len(after),
                 trainable_params_after=sum(p.numel() for p in after),
+                param_names=entry.param_names,
             )
         )
     held = frozen_batchnorms(model, trainable) if spec.bn == "eval" else ()

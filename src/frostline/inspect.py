@@ -323,7 +323,8 @@ def _units(model: nn.Module, blocks: set[str], head: str) -> list[str]:
     return units
 
 
-def _is_norm(module: nn.Module | None) -> bool:
+def is_norm_module(module: nn.Module | None) -> bool:
+    """Whether `module` is a normalisation layer (LayerNorm, BatchNorm, GroupNorm, RMSNorm, or named *Norm*)."""
     if module is None:
         return False
     norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
@@ -369,7 +370,7 @@ def _build_map(
                 isinstance(m, nn.Embedding) or "Embed" in type(m).__name__ for m in module.modules()
             )
             kind = "embedding" if has_embedding else "stem"
-        elif pos > last_block and _is_norm(module):
+        elif pos > last_block and is_norm_module(module):
             kind = "norm"
         else:
             kind = "other"
