@@ -156,8 +156,8 @@ def test_bn_eval_keeps_frozen_batchnorm_in_eval_after_model_train(tiny_cnn):
     model.train()
     model(x)
 
-    assert plan.held_in_eval == ("blocks.0.1", "blocks.1.1")
-    assert is_held_in_eval(model.blocks[0][1])
+    assert plan.held_in_eval == ("stem", "blocks.0", "blocks.1")
+    assert is_held_in_eval(model.blocks[0])
     assert not model.blocks[0][1].training
     assert torch.equal(model.blocks[0][1].running_mean, stats["blocks.0.1.running_mean"])
     # the trainable block's BatchNorm still learns its statistics
@@ -174,8 +174,8 @@ def test_bn_train_lets_frozen_batchnorm_update(tiny_cnn):
     model.train()
     model(x)
 
-    assert plan.held_in_eval == ()
-    assert not is_held_in_eval(model.blocks[0][1])
+    assert plan.held_in_eval == ("stem", "blocks.0", "blocks.1")
+    assert model.blocks[0][1].training
     assert not torch.equal(model.blocks[0][1].running_mean, before)
 
 
@@ -187,3 +187,28 @@ def test_refreezing_with_more_blocks_releases_batchnorm(tiny_cnn):
     model.train()
     assert all(m.training for m in model.modules())
     assert not any(is_held_in_eval(m) for m in model.modules())
+
+
+def test_frozen_entries_run_without_dropout_after_model_train():
+    from conftest import tiny_bert
+
+    model, batch = tiny_bert()
+    plan = freeze(model, "last:1", example_batch=batch)
+    model.train()
+    model(**batch)
+
+    frozen = [p for p in plan.held_in_eval]
+    assert frozen == ["bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1", "bert.encoder.layer.2"]
+    for path in frozen:
+        assert not any(m.training for m in model.get_submodule(path).modules()), path
+    assert model.bert.encoder.layer[3].training and model.classifier.training and model.dropout.training
+
+
+def test_batchnorm_frozen_inside_a_partly_trainable_entry_is_held(tiny_cnn):
+    model, x = tiny_cnn
+    plan = freeze(model, "train=blocks.2.0,head", example_batch=x)
+
+    assert plan.held_in_eval == ("stem", "blocks.0", "blocks.1", "blocks.2.1")
+    model.train()
+    model(x)
+    assert not model.blocks[2][1].training and model.blocks[2][0].training

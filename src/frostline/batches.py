@@ -56,3 +56,30 @@ def batch_to(batch: Batch, device: torch.device | str) -> Batch:
     if isinstance(batch, Mapping):
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     return batch.to(device, non_blocking=True)
+
+
+class TensorBatches:
+    """Pre-made tensors served in batches, reshuffled each pass with a seeded generator.
+
+    A plain loop over slices: per-step framework overhead would dominate once epochs take milliseconds.
+    """
+
+    def __init__(self, inputs: Batch, labels: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0):
+        self.inputs = inputs
+        self.labels = labels
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            if isinstance(self.inputs, Mapping):
+                yield {k: v[idx] for k, v in self.inputs.items()}, self.labels[idx]
+            else:
+                yield self.inputs[idx], self.labels[idx]

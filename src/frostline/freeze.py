@@ -150,7 +150,7 @@ class FreezePlan:
     """Names of the parameters that train after the freeze."""
     entries: tuple[EntryChange, ...]
     held_in_eval: tuple[str, ...] = field(default=())
-    """BatchNorm modules whose parameters are frozen and that stay in eval mode (bn=eval)."""
+    """Modules kept in eval mode: fully frozen entries, and (bn=eval) frozen BatchNorm outside them."""
 
     @property
     def tensors(self) -> int:
@@ -224,7 +224,7 @@ def plan_freeze(model: nn.Module, spec: str | dict[str, Any] | FreezeSpec, model
                 param_names=entry.param_names,
             )
         )
-    held = frozen_batchnorms(model, trainable) if spec.bn == "eval" else ()
+    held = _held_modules(model, model_map, trainable, spec.bn)
     return FreezePlan(spec=spec, trainable=frozenset(trainable), entries=tuple(changes), held_in_eval=held)
 
 
@@ -236,9 +236,11 @@ def freeze(
 ) -> FreezePlan:
     """Make exactly the parameters that `spec` names trainable, and freeze every other one.
 
-    This is the only function in frostline that changes `requires_grad`. With `bn=eval` (the
-    default) frozen BatchNorm modules are put in eval mode and kept there through later
-    `model.train()` calls, so their running statistics never move.
+    This is the only function in frostline that changes `requires_grad`. Frozen entries of the map
+    are also held in eval mode through later `model.train()` calls: dropout in them is off (frozen
+    layers extract features; noise there only slows the step and blurs the features), and with
+    `bn=eval` (the default) their BatchNorm statistics never move; frozen BatchNorm inside partly
+    trainable entries is held the same way. With `bn=train` BatchNorm modules keep training mode.
 
     Args:
         model: the model to change in place.
@@ -256,31 +258,67 @@ def freeze(
     plan = plan_freeze(model, spec, model_map)
     for name, param in model.named_parameters():
         param.requires_grad_(name in plan.trainable)
-    held = set(plan.held_in_eval)
-    for path, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            _release_from_eval(module)
-            if path in held:
-                module.eval()
-                module.register_forward_pre_hook(_hold_in_eval)
+    for module in model.modules():
+        _release_from_eval(module)
+    hold = _hold_in_eval_bn_train if plan.spec.bn == "train" else _hold_in_eval
+    for path in plan.held_in_eval:
+        module = model.get_submodule(path)
+        module.register_forward_pre_hook(hold)
+        hold(module, (), force=True)
     return plan
 
 
+def held_in_eval(model: nn.Module) -> dict[str, bool]:
+    """Modules that `freeze` holds in eval mode, each with whether its BatchNorm keeps training (bn=train)."""
+    held = {}
+    for path, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if hook in _HOLDS:
+                held[path] = hook is _hold_in_eval_bn_train
+    return held
+
+
 def is_held_in_eval(module: nn.Module) -> bool:
-    """Whether `freeze` keeps this module in eval mode (frozen BatchNorm under bn=eval)."""
-    return any(hook is _hold_in_eval for hook in module._forward_pre_hooks.values())
+    """Whether `freeze` holds this module itself in eval mode."""
+    return any(hook in _HOLDS for hook in module._forward_pre_hooks.values())
 
 
-def _hold_in_eval(module: nn.Module, args: Any) -> None:
-    # model.train() flips every submodule back to train mode; undo it for frozen BatchNorm.
-    if module.training:
+def _hold_in_eval(module: nn.Module, args: Any, force: bool = False) -> None:
+    # model.train() flips every submodule back to train mode; undo it for frozen modules.
+    if module.training or force:
         module.eval()
+
+
+def _hold_in_eval_bn_train(module: nn.Module, args: Any, force: bool = False) -> None:
+    if module.training or force:
+        module.eval()
+        for sub in module.modules():
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                sub.train()
+
+
+_HOLDS = (_hold_in_eval, _hold_in_eval_bn_train)
 
 
 def _release_from_eval(module: nn.Module) -> None:
     for key, hook in list(module._forward_pre_hooks.items()):
-        if hook is _hold_in_eval:
+        if hook in _HOLDS:
             del module._forward_pre_hooks[key]
+
+
+def _held_modules(model: nn.Module, model_map: ModelMap, trainable: set[str], bn: BnPolicy) -> tuple[str, ...]:
+    """Fully frozen map entries that are modules, then (bn=eval) frozen BatchNorm outside them."""
+    modules = dict(model.named_modules())
+    entries = [
+        e.path
+        for e in model_map.entries
+        if e.path and e.path in modules and e.param_names and not any(n in trainable for n in e.param_names)
+    ]
+    if bn == "train":
+        return tuple(entries)
+    inside = tuple(p + "." for p in entries)
+    loose = [p for p in frozen_batchnorms(model, trainable) if p not in entries and not p.startswith(inside)]
+    return tuple(entries + loose)
 
 
 def frozen_batchnorms(model: nn.Module, trainable: set[str] | frozenset[str] | None = None) -> tuple[str, ...]:

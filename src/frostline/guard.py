@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from frostline.errors import FrozenWeightsChanged, SetupError
-from frostline.freeze import FreezePlan, frozen_batchnorms, is_held_in_eval
+from frostline.freeze import FreezePlan, frozen_batchnorms, held_in_eval
 
 Severity = Literal["error", "warning"]
 
@@ -199,10 +199,12 @@ def _optimizer_findings(model: nn.Module, optimizer: torch.optim.Optimizer) -> l
 
 def _batchnorm_findings(model: nn.Module) -> list[Finding]:
     modules = dict(model.named_modules())
+    held = held_in_eval(model)
     drifting, waiting = [], []
     for path in frozen_batchnorms(model):
         module = modules[path]
-        if is_held_in_eval(module):
+        # held by freeze: in eval mode, or in train mode because bn=train asked for it
+        if any(path == h or path.startswith(h + ".") or h == "" for h in held):
             continue
         (drifting if module.training else waiting).append(path)
     findings = []

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.table import Table
 
 from frostline.freeze import FreezePlan
 from frostline.inspect import ModelMap
+from frostline.lr_finder import LRFinderResult
 
 
 def _count(trainable: int, total: int) -> str:
@@ -45,3 +48,48 @@ def model_map_table(model_map: ModelMap, plan: FreezePlan | None = None, title: 
             row.append(_count(entry.trainable_params, entry.params))
         table.add_row(*row)
     return table
+
+
+def plot_lr_find(result: LRFinderResult, path: str | Path, title: str = "learning-rate range test") -> Path:
+    """Loss against learning rate (log scale), raw and smoothed, with both heuristics and the choice marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    ax.plot(result.lrs, result.losses, color="0.75", linewidth=1, label="loss per step")
+    ax.plot(result.lrs, result.smoothed, color="tab:blue", linewidth=2, label="smoothed loss")
+    marks = [("steepest", result.steepest, "tab:orange"), ("valley", result.valley, "tab:green")]
+    for name, lr, color in marks:
+        if lr is None:
+            continue
+        chosen = name == result.method
+        y = result.smoothed[result.lrs.index(lr)]
+        ax.axvline(lr, color=color, linestyle="-" if chosen else ":", linewidth=2 if chosen else 1)
+        ax.plot([lr], [y], "o", color=color, markersize=9 if chosen else 6)
+        label = f"{name}: {lr:.2g}" + ("  <- suggested" if chosen else "")
+        ax.annotate(
+            label,
+            (lr, y),
+            xytext=(8, 12 if chosen else -18),
+            textcoords="offset points",
+            color=color,
+            fontweight="bold" if chosen else "normal",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (base rate; every group scaled with it)")
+    ax.set_ylabel("training loss")
+    low, high = min(result.smoothed), max(result.smoothed[: max(1, len(result.smoothed) // 3)])
+    ax.set_ylim(low - 0.1 * (high - low), high + 0.35 * (high - low))
+    ax.set_title(f"{title}\nsuggested {result.suggestion:.2g} ({result.method}); {result.stopped}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -58,7 +58,12 @@ def run(args: argparse.Namespace) -> int:
         console.print(plan.summary(), highlight=False)
         if plan.held_in_eval:
             console.print(
-                f"{len(plan.held_in_eval):,d} frozen BatchNorm modules held in eval mode (bn=eval): their running statistics stay fixed",
+                f"{len(plan.held_in_eval):,d} frozen modules held in eval mode through model.train(): dropout off"
+                + (
+                    ", BatchNorm statistics fixed (bn=eval)"
+                    if plan.spec.bn == "eval"
+                    else ", BatchNorm updating (bn=train)"
+                ),
                 highlight=False,
             )
     return 0

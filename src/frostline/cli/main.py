@@ -10,9 +10,10 @@ from rich.text import Text
 
 from frostline import __version__
 from frostline.cli import inspect as inspect_cmd
+from frostline.cli import lr_find as lr_find_cmd
 from frostline.errors import FrostlineError
 
-SUBCOMMANDS = [inspect_cmd]
+SUBCOMMANDS = [inspect_cmd, lr_find_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:
