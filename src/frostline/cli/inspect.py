@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.console import Console
-
+from frostline.cli.console import make_console
 from frostline.freeze import freeze
 from frostline.inspect import inspect_model
 from frostline.report import model_map_table
@@ -32,10 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
-    if not console.is_terminal:
-        # piped or captured output: do not squeeze the table into 80 columns
-        console.width = 140
+    console = make_console()
     source = open_model(args.model, args.num_classes)
     model_map = inspect_model(source.model, source.example_batch)
     plan = freeze(source.model, args.freeze, model_map) if args.freeze else None

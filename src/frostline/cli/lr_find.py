@@ -6,10 +6,10 @@ import argparse
 import json
 
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from frostline.batches import TensorBatches
+from frostline.cli.console import make_console
 from frostline.errors import ConfigError
 from frostline.freeze import freeze
 from frostline.inspect import inspect_model
@@ -67,7 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console(stderr=args.json)
+    console = make_console(stderr=args.json)
     if args.batch_size < 1 or args.max_length < 8:
         raise ConfigError(
             f"--batch-size must be >= 1 and --max-length >= 8, got {args.batch_size} and {args.max_length}"

@@ -9,11 +9,12 @@ from rich.console import Console
 from rich.text import Text
 
 from frostline import __version__
+from frostline.cli import fit as fit_cmd
 from frostline.cli import inspect as inspect_cmd
 from frostline.cli import lr_find as lr_find_cmd
 from frostline.errors import FrostlineError
 
-SUBCOMMANDS = [inspect_cmd, lr_find_cmd]
+SUBCOMMANDS = [fit_cmd, inspect_cmd, lr_find_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -73,6 +73,16 @@ def load_model(ref: str, num_classes: int | None = None) -> tuple[nn.Module, Bat
     return source.model, source.example_batch
 
 
+def open_tokenizer(ref: str):
+    """The tokenizer of a text model reference (hf:...), without loading the model; None for other models."""
+    scheme, _, rest = ref.partition(":")
+    if scheme != "hf":
+        return None
+    from frostline.sources.text import open_tokenizer as open_hf_tokenizer
+
+    return open_hf_tokenizer(rest)
+
+
 def open_python(target: str, num_classes: int | None) -> ModelSource:
     """`py:module:factory`: import `module` (the working folder is searched too) and call `factory`."""
     module_name, sep, factory_name = target.partition(":")

@@ -61,6 +61,14 @@ def _quiet_transformers():
             logging.enable_progress_bar()
 
 
+def open_tokenizer(name: str):
+    """The tokenizer of `hf:NAME`."""
+    from transformers import AutoTokenizer
+
+    with _quiet_transformers():
+        return AutoTokenizer.from_pretrained(resolve_folder(name))
+
+
 def open_text_model(name: str, num_classes: int | None) -> ModelSource:
     """Load `hf:NAME` with a tokenizer and a tokenized example batch."""
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer

@@ -1,14 +1,12 @@
-"""What frostline shows people: tables of the model map and of what a freeze trains."""
+"""Tables for people: the model map, what a freeze trains, and the summary of a run."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from rich.table import Table
 
 from frostline.freeze import FreezePlan
 from frostline.inspect import ModelMap
-from frostline.lr_finder import LRFinderResult
+from frostline.train.trainer import FitResult
 
 
 def _count(trainable: int, total: int) -> str:
@@ -50,46 +48,39 @@ def model_map_table(model_map: ModelMap, plan: FreezePlan | None = None, title: 
     return table
 
 
-def plot_lr_find(result: LRFinderResult, path: str | Path, title: str = "learning-rate range test") -> Path:
-    """Loss against learning rate (log scale), raw and smoothed, with both heuristics and the choice marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    ax.plot(result.lrs, result.losses, color="0.75", linewidth=1, label="loss per step")
-    ax.plot(result.lrs, result.smoothed, color="tab:blue", linewidth=2, label="smoothed loss")
-    marks = [("steepest", result.steepest, "tab:orange"), ("valley", result.valley, "tab:green")]
-    for name, lr, color in marks:
-        if lr is None:
-            continue
-        chosen = name == result.method
-        y = result.smoothed[result.lrs.index(lr)]
-        ax.axvline(lr, color=color, linestyle="-" if chosen else ":", linewidth=2 if chosen else 1)
-        ax.plot([lr], [y], "o", color=color, markersize=9 if chosen else 6)
-        label = f"{name}: {lr:.2g}" + ("  <- suggested" if chosen else "")
-        ax.annotate(
-            label,
-            (lr, y),
-            xytext=(8, 12 if chosen else -18),
-            textcoords="offset points",
-            color=color,
-            fontweight="bold" if chosen else "normal",
+def summary_table(result: FitResult) -> Table:
+    """One row per stage: what trained, for how long, how well; the caption says which weights were kept and why training stopped."""
+    table = Table(title="run summary", title_justify="left", header_style="bold", box=None, pad_edge=False)
+    for name, justify in [
+        ("stage", "left"),
+        ("freeze", "left"),
+        ("trainable", "right"),
+        ("epochs", "right"),
+        ("train loss", "right"),
+        ("val loss", "right"),
+        ("val acc", "right"),
+        ("best", "right"),
+        ("time", "right"),
+    ]:
+        table.add_column(name, justify=justify, no_wrap=True)
+    stages: dict[str, list[dict]] = {}
+    for record in result.history:
+        stages.setdefault(record["stage"], []).append(record)
+    for name, records in stages.items():
+        last = records[-1]
+        top = max(records, key=lambda r: r["val_accuracy"])
+        seconds = sum(r["train_seconds"] + r["eval_seconds"] for r in records)
+        plan = result.stage_plans.get(name, {})
+        kept = "[bold green]kept[/]" if result.best_stage == name else ""
+        table.add_row(
+            name,
+            plan.get("spec", ""),
+            f"{last['trainable_params']:,d}",
+            str(len(records)),
+            f"{last['train_loss']:.4f}",
+            f"{last['val_loss']:.4f}",
+            f"{100 * top['val_accuracy']:.2f}%",
+            kept,
+            f"{seconds:.1f}s",
         )
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate (base rate; every group scaled with it)")
-    ax.set_ylabel("training loss")
-    low, high = min(result.smoothed), max(result.smoothed[: max(1, len(result.smoothed) // 3)])
-    ax.set_ylim(low - 0.1 * (high - low), high + 0.35 * (high - low))
-    ax.set_title(f"{title}\nsuggested {result.suggestion:.2g} ({result.method}); {result.stopped}", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return table

@@ -1,0 +1,187 @@
+"""`frostline fit [CONFIG]`: fine-tune; with no argument, the embedded default (MiniLM on BBC News)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from frostline.cli.console import make_console
+from frostline.config import FitConfig, StageConfig, apply_overrides, config_from_dict, load_config
+from frostline.errors import FrostlineError
+from frostline.freeze import FreezePlan
+from frostline.guard import Finding
+from frostline.report import plot_training, summary_table
+from frostline.train.monitor import Diagnosis
+from frostline.train.trainer import FitResult, Trainer
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "fit",
+        help="fine-tune a model (no argument: MiniLM on BBC News topics)",
+        description="Fine-tune a pretrained model with a recipe of stages. With no config, fine-tunes the embedded "
+        "default: the MiniLM sentence encoder on BBC News topics (head first, then the last two blocks).",
+    )
+    parser.add_argument("config", nargs="?", help="a YAML config (sections model, data, stages, run)")
+    parser.add_argument("--model", help="model reference (overrides model.ref)")
+    parser.add_argument("--data", help="data reference (overrides data.ref)")
+    parser.add_argument("--output", help="run folder (overrides run.output)")
+    parser.add_argument("--name", help="run name under runs/ (overrides run.name)")
+    parser.add_argument("--seed", type=int, help="seed (overrides run.seed)")
+    parser.add_argument("--resume", metavar="RUN", help="continue a killed run from its last checkpoint")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any setting, e.g. --set data.max_length=256 --set stages.1.epochs=2",
+    )
+    parser.set_defaults(run=run)
+
+
+class RichReporter:
+    """Progress bars and lines in the terminal."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress: Progress | None = None
+        self.task: Any = None
+
+    def note(self, message: str) -> None:
+        color = "yellow" if "RANDOM" in message else "dim"
+        self.console.print(f"[{color}]{message}[/]", highlight=False)
+
+    def stage_start(self, index: int, stage: StageConfig, plan: FreezePlan, findings: list[Finding]) -> None:
+        self.console.rule(f"stage {index + 1}: {stage.name}", style="cyan")
+        self.console.print(plan.summary(), highlight=False)
+        rates = f"lr {stage.lr:g}, head x{stage.head_lr_mult:g}, layer decay {stage.layer_decay:g}, {stage.schedule}"
+        self.console.print(f"[dim]{rates}, up to {stage.epochs} epochs[/]", highlight=False)
+        for finding in findings:
+            self.console.print(f"[yellow]{finding}[/]", highlight=False)
+
+    def epoch_start(self, stage: StageConfig, epoch: int, batches: int) -> None:
+        self.progress = Progress(
+            TextColumn(f"epoch {epoch} [cyan]{stage.name}[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=batches, loss=float("nan"))
+
+    def step(self, done: int, total: int, loss: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done, loss=loss)
+
+    def epoch_end(self, record: dict[str, Any], diagnosis: Diagnosis) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        best = " [bold green]best[/]" if record.get("best") else ""
+        seconds = record["train_seconds"] + record["eval_seconds"]
+        self.console.print(
+            f"epoch {record['epoch']:>2} [cyan]{record['stage']}[/]  train loss {record['train_loss']:.4f}  "
+            f"val loss {record['val_loss']:.4f}  val acc {100 * record['val_accuracy']:.2f}%  {seconds:.1f}s{best}",
+            highlight=False,
+        )
+        if diagnosis.verdict == "overfitting":
+            self.console.print(f"[bold red]{diagnosis.message}[/]", highlight=False)
+            for line in diagnosis.advice:
+                self.console.print(f"[red]  - {line}[/]", highlight=False)
+        elif diagnosis.verdict == "plateau":
+            self.console.print(f"[yellow]{diagnosis.message}[/]", highlight=False)
+
+
+def build_config(args: argparse.Namespace) -> FitConfig:
+    config = load_config(args.config) if args.config else FitConfig()
+    overrides = list(args.overrides)
+    for flag, key in (
+        ("model", "model.ref"),
+        ("data", "data.ref"),
+        ("output", "run.output"),
+        ("name", "run.name"),
+        ("seed", "run.seed"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return apply_overrides(config, overrides) if overrides else config
+
+
+def run(args: argparse.Namespace) -> int:
+    console = make_console()
+    if args.resume:
+        saved = Path(args.resume) / "config.json"
+        if not saved.is_file():
+            raise FrostlineError(f"--resume {args.resume}: no config.json there, so this is not a frostline run folder")
+        config = config_from_dict(json.loads(saved.read_text()))
+    else:
+        config = build_config(args)
+    if not args.config and not args.resume and not args.model and not args.data:
+        console.print(
+            "[bold]frostline fit: no config given, so fine-tuning the embedded default: the MiniLM sentence encoder "
+            "(all-MiniLM-L6-v2) on BBC News topics[/]",
+            highlight=False,
+        )
+    trainer = Trainer(config, RichReporter(console))
+    try:
+        result = trainer.fit(resume=args.resume)
+    except FrostlineError:
+        if trainer.history and trainer.run_dir is not None:
+            plot_training(
+                trainer.history,
+                trainer.run_dir / "report.png",
+                title=str(trainer.run_dir),
+                stop_reason="stopped by an error",
+            )
+        raise
+    report(console, result)
+    return 0
+
+
+def report(console: Console, result: FitResult) -> None:
+    console.rule("done", style="green")
+    console.print(summary_table(result))
+    best = result.history[result.best_epoch - 1] if result.best_epoch else None
+    if best is not None:
+        console.print(
+            f"best weights: epoch {result.best_epoch} (stage {result.best_stage}), validation accuracy "
+            f"[bold]{100 * result.best_val_accuracy:.2f}%[/], validation loss {result.best_val_loss:.4f}",
+            highlight=False,
+        )
+    console.print(f"stopped: {result.stop_reason}", highlight=False)
+    if result.diagnosis is not None and result.diagnosis.verdict == "overfitting":
+        console.print(f"[red]{result.diagnosis.message}[/]", highlight=False)
+    console.print(f"time: {result.seconds:.1f}s", highlight=False)
+    if result.run_dir is not None:
+        plot_training(
+            result.history,
+            result.run_dir / "report.png",
+            best_epoch=result.best_epoch,
+            overfit_began=result.overfit_began,
+            stop_reason=f"stopped: {result.stop_reason}",
+            title=str(result.run_dir),
+        )
+        console.print(
+            f"run folder: {result.run_dir}  (best.safetensors, head.json, metrics.jsonl, report.png, checkpoint/)",
+            highlight=False,
+        )

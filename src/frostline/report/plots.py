@@ -1,0 +1,176 @@
+"""Plots for people: the learning-rate range test and the training report of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from frostline.lr_finder import LRFinderResult
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+    return path
+
+
+def plot_lr_find(result: LRFinderResult, path: str | Path, title: str = "learning-rate range test") -> Path:
+    """Loss against learning rate (log scale), raw and smoothed, with both heuristics and the choice marked."""
+    plt = _pyplot()
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    ax.plot(result.lrs, result.losses, color="0.75", linewidth=1, label="loss per step")
+    ax.plot(result.lrs, result.smoothed, color="tab:blue", linewidth=2, label="smoothed loss")
+    marks = [("steepest", result.steepest, "tab:orange"), ("valley", result.valley, "tab:green")]
+    for name, lr, color in marks:
+        if lr is None:
+            continue
+        chosen = name == result.method
+        y = result.smoothed[result.lrs.index(lr)]
+        ax.axvline(lr, color=color, linestyle="-" if chosen else ":", linewidth=2 if chosen else 1)
+        ax.plot([lr], [y], "o", color=color, markersize=9 if chosen else 6)
+        label = f"{name}: {lr:.2g}" + ("  <- suggested" if chosen else "")
+        ax.annotate(
+            label,
+            (lr, y),
+            xytext=(8, 12 if chosen else -18),
+            textcoords="offset points",
+            color=color,
+            fontweight="bold" if chosen else "normal",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (base rate; every group scaled with it)")
+    ax.set_ylabel("training loss")
+    low, high = min(result.smoothed), max(result.smoothed[: max(1, len(result.smoothed) // 3)])
+    ax.set_ylim(low - 0.1 * (high - low), high + 0.35 * (high - low))
+    ax.set_title(f"{title}\nsuggested {result.suggestion:.2g} ({result.method}); {result.stopped}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_training(
+    history: list[dict[str, Any]],
+    path: str | Path,
+    best_epoch: int | None = None,
+    overfit_began: int | None = None,
+    stop_reason: str = "",
+    title: str = "",
+) -> Path:
+    """Loss, validation accuracy and learning rate per group against epoch, with stage boundaries,
+    the epoch whose weights were kept, and where overfitting began, all marked."""
+    plt = _pyplot()
+    path = Path(path)
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(
+        3, 1, figsize=(9, 9.5), dpi=110, sharex=True, gridspec_kw={"height_ratios": [3, 2.2, 1.8]}
+    )
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", color="tab:blue", label="training loss")
+    ax_loss.plot(epochs, [r["val_loss"] for r in history], "s-", color="tab:orange", label="validation loss")
+    ax_acc.plot(
+        epochs, [100 * r["val_accuracy"] for r in history], "s-", color="tab:orange", label="validation accuracy"
+    )
+    ax_acc.plot(
+        epochs,
+        [100 * r["train_accuracy"] for r in history],
+        "o--",
+        color="tab:blue",
+        alpha=0.6,
+        label="training accuracy",
+    )
+
+    groups: dict[str, tuple[list[float], list[float]]] = {}
+    for i, record in enumerate(history):
+        new_stage = i > 0 and record["stage"] != history[i - 1]["stage"]
+        for name, trace in record.get("lr_trace", {}).items():
+            xs, ys = groups.setdefault(name, ([], []))
+            if new_stage and xs:
+                # a gap, so that a group's rate is not drawn across a stage boundary
+                xs.append(record["epoch"] - 0.5)
+                ys.append(float("nan"))
+            for k, lr in enumerate(trace):
+                xs.append(record["epoch"] - 1 + (k + 0.5) / len(trace) + 0.5)
+                ys.append(lr)
+    for name, (xs, ys) in groups.items():
+        if any(y > 0 for y in ys):
+            ax_lr.plot(xs, ys, linewidth=1.5, label=name)
+    ax_lr.set_yscale("log")
+
+    # stage boundaries and names
+    starts = [r for i, r in enumerate(history) if i == 0 or r["stage"] != history[i - 1]["stage"]]
+    for record in starts:
+        x = record["epoch"] - 0.5
+        for ax in (ax_loss, ax_acc, ax_lr):
+            if record is not history[0]:
+                ax.axvline(x, color="0.4", linestyle="--", linewidth=1)
+        ax_loss.annotate(
+            f"stage {record['stage']}\n{record['trainable_params']:,d} trainable",
+            (x, 1),
+            xycoords=("data", "axes fraction"),
+            xytext=(4, -4),
+            textcoords="offset points",
+            va="top",
+            fontsize=8,
+            color="0.3",
+        )
+    if overfit_began is not None:
+        for ax in (ax_loss, ax_acc, ax_lr):
+            ax.axvspan(overfit_began - 0.5, epochs[-1] + 0.5, color="tab:red", alpha=0.10)
+        ax_loss.annotate(
+            f"overfitting from epoch {overfit_began}",
+            (overfit_began - 0.4, 0.55),
+            xycoords=("data", "axes fraction"),
+            color="tab:red",
+            fontweight="bold",
+            fontsize=9,
+        )
+    if best_epoch:
+        best = history[best_epoch - 1]
+        for ax in (ax_loss, ax_acc, ax_lr):
+            ax.axvline(best_epoch, color="tab:green", linewidth=2, alpha=0.7)
+        ax_acc.plot(
+            [best_epoch],
+            [100 * best["val_accuracy"]],
+            "*",
+            color="tab:green",
+            markersize=18,
+            zorder=5,
+            label=f"kept: epoch {best_epoch}, {100 * best['val_accuracy']:.2f}%",
+        )
+        ax_acc.annotate(
+            f"best weights kept\nepoch {best_epoch} ({best['stage']})\n{100 * best['val_accuracy']:.2f}%",
+            (best_epoch, 100 * best["val_accuracy"]),
+            xytext=(10, -40),
+            textcoords="offset points",
+            color="tab:green",
+            fontweight="bold",
+            fontsize=9,
+        )
+
+    ax_loss.set_ylabel("cross-entropy loss")
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("epoch")
+    ax_lr.set_xticks(epochs)
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper right" if ax is not ax_acc else "lower right", fontsize=8)
+    fig.suptitle(f"{title}\n{stop_reason}" if title else stop_reason, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path

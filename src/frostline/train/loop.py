@@ -1,0 +1,145 @@
+"""The loop body as plain functions: one training epoch, one evaluation pass. No state of their own."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from frostline.batches import Batch, batch_to, call_model, logits_of
+from frostline.errors import FrostlineError
+from frostline.train.runtime import Runtime
+
+Forward = Callable[[Batch], torch.Tensor]
+StepHook = Callable[[int, int, float], None]
+
+
+class NonFiniteLoss(FrostlineError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, value: float, step: int):
+        self.value = value
+        self.step = step
+        super().__init__(
+            f"the training loss became {value} at step {step} of this epoch; training stopped and the last good "
+            "checkpoint is kept. Lower the learning rate, or keep gradient clipping on (run.clip_grad)"
+        )
+
+
+@dataclass
+class EpochResult:
+    """What one training epoch did."""
+
+    loss: float
+    accuracy: float
+    steps: int
+    seconds: float
+    lr_trace: dict[str, list[float]] = field(default_factory=dict)
+    """Learning rate of each group (bias groups left out) at up to 20 evenly spaced steps."""
+
+
+def model_forward(model: nn.Module) -> Forward:
+    """The plain forward pass: the model on a batch, its logits out."""
+    return lambda inputs: logits_of(call_model(model, inputs))
+
+
+def _trace_lr(optimizer: torch.optim.Optimizer, trace: dict[str, list[float]]) -> None:
+    for group in optimizer.param_groups:
+        name = group.get("name", "group")
+        if not name.endswith("(no decay)"):
+            trace.setdefault(name, []).append(group["lr"])
+
+
+def train_epoch(
+    forward: Forward,
+    params: list[nn.Parameter],
+    batches: Iterable,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler | None,
+    runtime: Runtime,
+    grad_accum: int = 1,
+    clip_grad: float | None = None,
+    on_step: StepHook | None = None,
+) -> EpochResult:
+    """One pass over `batches`: forward, loss, backward, (every `grad_accum` batches) clip and step.
+
+    Raises:
+        NonFiniteLoss: the loss became NaN or infinite; no step was taken with it.
+    """
+    start = time.perf_counter()
+    total_loss, correct, seen, steps = 0.0, 0, 0, 0
+    batches = list(batches) if not hasattr(batches, "__len__") else batches
+    n_batches = len(batches)
+    every = max(1, n_batches // (20 * grad_accum))
+    trace: dict[str, list[float]] = {}
+    optimizer.zero_grad(set_to_none=True)
+    for i, (inputs, labels) in enumerate(batches):
+        inputs, labels = batch_to(inputs, runtime.device), labels.to(runtime.device)
+        with runtime.autocast():
+            logits = forward(inputs)
+            loss = F.cross_entropy(logits.float(), labels)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLoss(value, i + 1)
+        (loss / grad_accum).backward()
+        total_loss += value * len(labels)
+        correct += (logits.argmax(dim=-1) == labels).sum().item()
+        seen += len(labels)
+        if (i + 1) % grad_accum == 0 or i + 1 == n_batches:
+            if clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            if steps % every == 0:
+                _trace_lr(optimizer, trace)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if schedule is not None:
+                schedule.step()
+            steps += 1
+        if on_step is not None:
+            on_step(i + 1, n_batches, total_loss / seen)
+    return EpochResult(total_loss / max(seen, 1), correct / max(seen, 1), steps, time.perf_counter() - start, trace)
+
+
+@dataclass
+class EvalResult:
+    """Loss, accuracy and predictions on a labelled set."""
+
+    loss: float
+    accuracy: float
+    predictions: torch.Tensor
+    probabilities: torch.Tensor
+    seconds: float
+
+
+@torch.inference_mode()
+def evaluate(
+    forward: Forward, batches: Iterable, runtime: Runtime, modules: list[nn.Module] | None = None
+) -> EvalResult:
+    """Loss and accuracy of `forward` on `batches`, in eval mode (the modules' flags are restored)."""
+    start = time.perf_counter()
+    modules = modules or []
+    flags = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        total, correct, seen, preds, probs = 0.0, 0, 0, [], []
+        for inputs, labels in batches:
+            inputs, labels = batch_to(inputs, runtime.device), labels.to(runtime.device)
+            with runtime.autocast():
+                logits = forward(inputs).float()
+            total += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(dim=-1) == labels).sum().item()
+            seen += len(labels)
+            preds.append(logits.argmax(dim=-1).cpu())
+            probs.append(logits.softmax(dim=-1).cpu())
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    return EvalResult(
+        total / max(seen, 1), correct / max(seen, 1), torch.cat(preds), torch.cat(probs), time.perf_counter() - start
+    )

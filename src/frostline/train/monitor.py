@@ -1,0 +1,115 @@
+"""Knowing when to stop: the overfitting monitor, a pure function of the epoch history.
+
+When the training loss keeps falling while the validation metric stops improving and the validation
+loss no longer falls, the model is memorising the training data instead of generalising: that is
+overfitting, and training on only makes it worse. When neither improves, training has converged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Verdict = Literal["improving", "plateau", "overfitting"]
+
+ADVICE = [
+    "stop here: the best weights are kept",
+    "freeze more of the model (fewer trainable blocks), or train the head alone",
+    "lower the learning rate",
+    "add data, or augmentation for images",
+]
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """What the history says, and since when."""
+
+    verdict: Verdict
+    best_epoch: int
+    """Epoch (1-based, across stages) with the best validation result so far."""
+    epochs_since_best: int
+    began_epoch: int | None = None
+    """First epoch of overfitting (the epoch after the best one)."""
+    gap: float | None = None
+    """Validation loss minus training loss at the last epoch."""
+    message: str = ""
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def should_stop(self) -> bool:
+        return self.verdict != "improving"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class OverfitMonitor:
+    """Compares the trend of the training loss with the validation metric and loss after each epoch.
+
+    Each history record needs `train_loss`, `val_loss` and `val_accuracy` (or the key given as `metric`).
+    """
+
+    patience: int = 2
+    """Epochs without a better validation result before the verdict changes from improving."""
+    min_delta: float = 0.0
+    """Smallest rise in the metric that counts as better."""
+    train_drop: float = 0.02
+    """Relative fall of the training loss since the best epoch that counts as 'still falling'."""
+    metric: str = "val_accuracy"
+
+    def best_index(self, history: list[dict[str, Any]]) -> int:
+        """Index of the best record: highest metric, then lowest validation loss."""
+        best = 0
+        for i, record in enumerate(history):
+            top = history[best]
+            better = record[self.metric] > top[self.metric] + self.min_delta
+            tie = abs(record[self.metric] - top[self.metric]) <= self.min_delta and record["val_loss"] < top["val_loss"]
+            if better or (tie and record[self.metric] >= top[self.metric]):
+                best = i
+        return best
+
+    def diagnose(self, history: list[dict[str, Any]], since: int = 0) -> Diagnosis:
+        """The verdict on `history` (one record per epoch); `since` is where the current stage began.
+
+        The best record is searched over the whole history, so a stage that never beats an earlier
+        stage's best is stopped after `patience` epochs of its own.
+        """
+        if not history:
+            return Diagnosis("improving", best_epoch=0, epochs_since_best=0)
+        best = self.best_index(history)
+        last = history[-1]
+        waited = len(history) - 1 - best
+        gap = last["val_loss"] - last["train_loss"]
+        stage_epochs = len(history) - since
+        if waited < self.patience or stage_epochs < self.patience:
+            return Diagnosis("improving", best + 1, waited, gap=gap)
+        # the training loss is compared with where it stood at the best epoch, or at the stage's start
+        reference = history[best] if best >= since else history[since]
+        train_fell = last["train_loss"] < reference["train_loss"] * (1 - self.train_drop)
+        val_rose = (
+            last["val_loss"] > min(r["val_loss"] for r in history[since:])
+            or last["val_loss"] >= history[best]["val_loss"]
+        )
+        if train_fell and val_rose:
+            began = max(best, since - 1) + 2
+            metric_name = self.metric.removeprefix("val_")
+            message = (
+                f"overfitting: training loss fell {reference['train_loss']:.4f} -> {last['train_loss']:.4f} while validation "
+                f"{metric_name} has not improved for {waited} epochs (best {history[best][self.metric]:.4f} at epoch {best + 1}) "
+                f"and validation loss stopped falling ({history[best]['val_loss']:.4f} -> {last['val_loss']:.4f}); "
+                f"the model is memorising the training data instead of generalising. It began at epoch {began}; "
+                f"validation loss is now {gap:+.4f} above training loss."
+            )
+            return Diagnosis(
+                "overfitting", best + 1, waited, began_epoch=began, gap=gap, message=message, advice=list(ADVICE)
+            )
+        trend = "also falling" if last["val_loss"] < history[best]["val_loss"] else "no longer falling"
+        message = (
+            f"plateau: validation {self.metric.removeprefix('val_')} has not improved for {waited} epochs "
+            f"(best {history[best][self.metric]:.4f} at epoch {best + 1}); training loss "
+            f"{'fell' if train_fell else 'barely moved'} ({reference['train_loss']:.4f} -> {last['train_loss']:.4f}) and "
+            f"validation loss is {trend} ({history[best]['val_loss']:.4f} -> {last['val_loss']:.4f}): "
+            "more epochs of this stage are unlikely to pay off."
+        )
+        return Diagnosis("plateau", best + 1, waited, gap=gap, message=message)
