@@ -205,6 +205,12 @@ def _build(cls: type, values: Any, path: str, problems: list[str]) -> Any:
             hint = f"did you mean {path}.{close[0]}? " if close else ""
             problems.append(f"unknown key {path}.{key}; {hint}the keys of {path} are {', '.join(known)}")
             continue
+        if isinstance(value, str) and float in typing.get_args(hints[key]) + (hints[key],):
+            # YAML 1.1 reads 1e-4 (no dot) as a string; a rate written that way is still a number
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         problem = _type_problem(f"{path}.{key}", value, hints[key])
         if problem:
             problems.append(problem)

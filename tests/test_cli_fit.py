@@ -1,0 +1,121 @@
+"""End to end on the command line: fit MiniLM on a few batches, then eval and predict; bad input exits 1."""
+
+import json
+
+import pytest
+
+from frostline.cli.main import main
+from frostline.sources.data import load_bbc_news
+
+
+@pytest.fixture(scope="module")
+def news_csv(tmp_path_factory):
+    data = load_bbc_news()
+    folder = tmp_path_factory.mktemp("news")
+    rows = ["text,label"]
+    for text, label in list(zip(data.texts, data.labels, strict=True))[::16]:
+        rows.append('"{}",{}'.format(text[:400].replace('"', "'"), data.label_names[label]))
+    (folder / "news.csv").write_text("\n".join(rows))
+    return folder / "news.csv"
+
+
+QUICK = [
+    "--set",
+    "data.max_length=32",
+    "--set",
+    "data.batch_size=16",
+    "--set",
+    "stages.0.epochs=2",
+    "--set",
+    "stages.1.epochs=1",
+]
+
+
+@pytest.fixture(scope="module")
+def fitted_run(news_csv, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "news"
+    assert main(["fit", "--model", "hf:minilm", "--data", str(news_csv), "--output", str(run), *QUICK]) == 0
+    return run
+
+
+def test_fit_writes_the_run_folder(fitted_run):
+    names = {p.name for p in fitted_run.iterdir()}
+    assert {"config.json", "metrics.jsonl", "best.safetensors", "head.json", "report.png", "checkpoint"} <= names
+    records = [json.loads(line) for line in (fitted_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == ["head", "head", "last2"]
+    assert records[2]["trainable_tensors"] == 34
+    assert (fitted_run / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_reports_the_best_weights_accuracy(fitted_run, capsys):
+    assert main(["eval", str(fitted_run)]) == 0
+    out = capsys.readouterr().out
+    records = [json.loads(line) for line in (fitted_run / "metrics.jsonl").read_text().splitlines()]
+    best = max(records, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
+    assert f"accuracy {100 * best['val_accuracy']:.2f}%" in out
+    assert "business" in out and "recall" in out
+
+
+def test_predict_prints_labels_with_probabilities(fitted_run, capsys):
+    assert main(["predict", str(fitted_run), "The striker scored twice in the cup final", "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert line["label"] in {"business", "entertainment", "politics", "sports", "tech"}
+    assert 0 < sum(line["probabilities"].values()) <= 1.0001
+
+
+def _fails(capsys, argv, message):
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_unknown_config_key_names_the_closest(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  batchsize: 8\n")
+    _fails(capsys, ["fit", str(config)], "unknown key data.batchsize; did you mean data.batch_size?")
+
+
+def test_missing_label_column(news_csv, tmp_path, capsys):
+    _fails(
+        capsys,
+        ["fit", "--data", str(news_csv), "--set", "data.label_column=topic", "--output", str(tmp_path / "r")],
+        "label_column='topic' is not a column",
+    )
+
+
+def test_one_class_and_empty_data(tmp_path, capsys):
+    (tmp_path / "one.csv").write_text("text,label\na b c,x\nd e f,x\ng h,x\n")
+    (tmp_path / "empty.csv").write_text("text,label\n")
+    _fails(
+        capsys,
+        ["fit", "--data", str(tmp_path / "one.csv"), "--output", str(tmp_path / "r1")],
+        "holds a single class ('x')",
+    )
+    _fails(
+        capsys,
+        ["fit", "--data", str(tmp_path / "empty.csv"), "--output", str(tmp_path / "r2")],
+        "holds no labelled examples",
+    )
+
+
+def test_validation_classes_missing_from_training(news_csv, tmp_path, capsys):
+    (tmp_path / "val.csv").write_text("text,label\nsome text,weather\nmore,sports\n")
+    _fails(
+        capsys,
+        [
+            "fit",
+            "--data",
+            str(news_csv),
+            "--set",
+            f"data.val_ref={tmp_path / 'val.csv'}",
+            "--output",
+            str(tmp_path / "r"),
+        ],
+        "has classes the training data lacks: ['weather']",
+    )
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    _fails(capsys, ["fit", "--resume", str(tmp_path)], "no config.json there")

@@ -1,0 +1,73 @@
+from frostline.train.monitor import OverfitMonitor
+
+
+def _history(train, val_loss, val_acc, stages=None):
+    return [
+        {"epoch": i + 1, "train_loss": t, "val_loss": v, "val_accuracy": a, "stage": (stages or ["s"] * len(train))[i]}
+        for i, (t, v, a) in enumerate(zip(train, val_loss, val_acc, strict=True))
+    ]
+
+
+def test_flags_overfitting_at_the_epoch_after_the_best():
+    history = _history(
+        train=[1.20, 0.70, 0.45, 0.30, 0.18, 0.10],
+        val_loss=[1.10, 0.80, 0.62, 0.66, 0.74, 0.85],
+        val_acc=[0.60, 0.75, 0.82, 0.81, 0.82, 0.80],
+    )
+    monitor = OverfitMonitor(patience=2)
+
+    assert monitor.diagnose(history[:4]).verdict == "improving"
+    diagnosis = monitor.diagnose(history[:5])
+    assert diagnosis.verdict == "overfitting"
+    assert diagnosis.best_epoch == 3
+    assert diagnosis.began_epoch == 4
+    assert diagnosis.gap == 0.74 - 0.18
+    assert "memorising the training data" in diagnosis.message
+    assert any("freeze more" in a for a in diagnosis.advice)
+
+
+def test_a_healthy_history_is_not_flagged():
+    history = _history(
+        train=[1.20, 0.80, 0.60, 0.48, 0.40, 0.35],
+        val_loss=[1.00, 0.75, 0.60, 0.52, 0.47, 0.44],
+        val_acc=[0.65, 0.75, 0.80, 0.83, 0.85, 0.86],
+    )
+    for n in range(1, len(history) + 1):
+        assert OverfitMonitor(patience=2).diagnose(history[:n]).verdict == "improving"
+
+
+def test_accuracy_saturated_but_validation_loss_still_falling_counts_as_improving():
+    history = _history(train=[0.9, 0.5, 0.3, 0.2], val_loss=[0.6, 0.4, 0.3, 0.25], val_acc=[0.95, 0.97, 0.97, 0.97])
+    assert OverfitMonitor(patience=2).diagnose(history).verdict == "improving"
+
+
+def test_flat_training_and_validation_is_a_plateau_not_overfitting():
+    history = _history(
+        train=[0.50, 0.40, 0.399, 0.398], val_loss=[0.45, 0.40, 0.41, 0.41], val_acc=[0.90, 0.93, 0.93, 0.92]
+    )
+    diagnosis = OverfitMonitor(patience=2).diagnose(history)
+    assert diagnosis.verdict == "plateau"
+    assert diagnosis.should_stop
+    assert diagnosis.began_epoch is None
+
+
+def test_a_later_stage_that_never_beats_the_earlier_best_overfits_from_its_first_epoch():
+    # the seed's question 4: unfreezing after a converged head lowers training loss, validation stays flat
+    history = _history(
+        train=[0.60, 0.25, 0.16, 0.14, 0.09, 0.06],
+        val_loss=[0.30, 0.20, 0.17, 0.18, 0.19, 0.21],
+        val_acc=[0.93, 0.96, 0.97, 0.965, 0.97, 0.965],
+        stages=["head", "head", "head", "last2", "last2", "last2"],
+    )
+    monitor = OverfitMonitor(patience=2)
+
+    assert monitor.diagnose(history[:4], since=3).verdict == "improving"  # the stage gets `patience` epochs
+    diagnosis = monitor.diagnose(history[:5], since=3)
+    assert diagnosis.verdict == "overfitting"
+    assert diagnosis.best_epoch == 3
+    assert diagnosis.began_epoch == 4
+
+
+def test_ties_on_accuracy_prefer_the_lower_validation_loss():
+    history = _history(train=[1, 0.8, 0.7], val_loss=[0.5, 0.4, 0.45], val_acc=[0.9, 0.9, 0.9])
+    assert OverfitMonitor().best_index(history) == 1

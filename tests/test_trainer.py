@@ -1,0 +1,140 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny_task
+from frostline.config import DataConfig, FitConfig, ModelConfig, RunConfig, StageConfig
+from frostline.errors import FrostlineError
+from frostline.train.runtime import seed_everything
+from frostline.train.trainer import SilentReporter, Trainer
+
+
+def _config(tmp_path, stages=None, model="py:tiny_task:model", data="py:tiny_task:data", **run):
+    stages = stages or [
+        StageConfig(name="head", freeze="head", epochs=2, lr=1e-2),
+        StageConfig(name="last1", freeze="last:1", epochs=2, lr=1e-3, head_lr_mult=3, layer_decay=0.5, warmup=0.2),
+    ]
+    run = {"output": str(tmp_path / "run"), "patience": 5, "precision": "fp32", **run}
+    return FitConfig(ModelConfig(model), DataConfig(ref=data, batch_size=64), stages, RunConfig(**run))
+
+
+def test_stages_change_what_trains_and_frozen_tensors_never_move(tmp_path):
+    seed_everything(0)
+    initial, _ = tiny_task.model(10)
+    trainer = Trainer(_config(tmp_path))
+    result = trainer.fit()
+
+    assert result.stage_plans["head"]["trainable_tensors"] == 2
+    assert result.stage_plans["last1"]["trainable_tensors"] == 4
+    assert [r["trainable_params"] for r in result.history] == [490, 490, 490 + 48 * 48 + 48, 490 + 48 * 48 + 48]
+    final = trainer.model
+    # features.0 was frozen in every stage: bit-identical to its initialisation
+    assert torch.equal(final.features[0].weight, initial.features[0].weight)
+    assert torch.equal(final.features[0].bias, initial.features[0].bias)
+    assert not torch.equal(final.features[3].weight, initial.features[3].weight)
+    assert not torch.equal(final.classifier.weight, initial.classifier.weight)
+    assert result.best_val_accuracy > 0.4  # 10 classes: it learned
+
+
+def test_optimizer_and_schedule_are_rebuilt_per_stage(tmp_path):
+    result = Trainer(_config(tmp_path)).fit()
+    first, second = result.history[0]["lr"], result.history[2]["lr"]
+
+    assert set(first) == {"classifier"}
+    assert set(second) == {"features.3", "classifier"}
+    # stage 2 starts a fresh warm-up at its own rates, keeping the 3x head / 0.5 block ratio
+    trace = result.history[2]["lr_trace"]
+    assert trace["classifier"][0] < trace["classifier"][-1] or trace["classifier"][0] < 3e-3
+    assert trace["classifier"][0] / trace["features.3"][0] == pytest.approx(6.0)
+
+
+def test_run_folder_holds_config_metrics_best_weights_and_labels(tmp_path):
+    trainer = Trainer(_config(tmp_path))
+    result = trainer.fit()
+    folder = tmp_path / "run"
+
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
+    assert {"train_loss", "val_loss", "val_accuracy", "lr", "trainable_tensors", "train_seconds"} <= set(lines[0])
+    assert json.loads((folder / "head.json").read_text())["labels"] == [str(i) for i in range(10)]
+    assert json.loads((folder / "config.json").read_text())["model"]["ref"] == "py:tiny_task:model"
+    best = load_file(str(folder / "best.safetensors"))
+    assert all(torch.equal(best[k], v) for k, v in trainer.model.state_dict().items())
+    assert result.best_epoch == max(lines, key=lambda r: (r["val_accuracy"], -r["val_loss"]))["epoch"]
+
+
+class _KillAfter(SilentReporter):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def epoch_end(self, record, diagnosis):
+        if record["epoch"] == self.epoch:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("kill_after", [1, 2, 3])
+def test_resume_after_a_kill_reaches_the_same_final_weights(tmp_path, kill_after):
+    straight = Trainer(_config(tmp_path / "a"))
+    straight.fit()
+
+    config = _config(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config, _KillAfter(kill_after)).fit()
+    resumed = Trainer(config)
+    resumed.fit(resume=tmp_path / "b" / "run")
+
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    best_a = load_file(str(tmp_path / "a" / "run" / "best.safetensors"))
+    best_b = load_file(str(tmp_path / "b" / "run" / "best.safetensors"))
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+    assert [r["val_loss"] for r in straight.history] == [r["val_loss"] for r in resumed.history]
+    assert len((tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_overfitting_is_named_stops_the_run_and_keeps_the_best_weights(tmp_path):
+    stages = [StageConfig(name="all", freeze="none", epochs=40, lr=3e-3, weight_decay=0.0, schedule="constant")]
+    config = _config(
+        tmp_path, stages=stages, model="py:tiny_task:wide_model", data="py:tiny_task:small_data", patience=3
+    )
+    trainer = Trainer(config)
+    result = trainer.fit()
+
+    assert result.diagnosis.verdict == "overfitting"
+    assert result.stop_reason.startswith(f"overfitting began at epoch {result.overfit_began}")
+    assert len(result.history) < 40
+    assert result.overfit_began == result.best_epoch + 1
+    last = result.history[-1]
+    assert last["train_loss"] < result.history[result.best_epoch - 1]["train_loss"]
+    # the model now holds the best epoch's weights, not the last epoch's
+    from frostline.train.loop import evaluate, model_forward
+
+    data = trainer.data
+    evaluation = evaluate(model_forward(trainer.model), data.val_batches(512), trainer.runtime, [trainer.model])
+    assert evaluation.accuracy == pytest.approx(result.best_val_accuracy)
+    assert evaluation.loss == pytest.approx(result.best_val_loss, rel=1e-5)
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_keeps_what_was_written(tmp_path):
+    stages = [
+        StageConfig(name="head", freeze="head", epochs=1, lr=1e-2),
+        StageConfig(name="boom", freeze="none", epochs=2, lr=1e30, schedule="constant"),
+    ]
+    config = _config(tmp_path, stages=stages, clip_grad=None)
+    with pytest.raises(FrostlineError, match=r"stage 'boom', epoch 2: the training loss became (nan|inf) at step \d+"):
+        Trainer(config).fit()
+
+    folder = tmp_path / "run"
+    assert len((folder / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (folder / "best.safetensors").is_file()
+    assert (folder / "checkpoint" / "state.json").is_file()
+
+
+def test_an_existing_output_folder_is_never_overwritten(tmp_path):
+    Trainer(_config(tmp_path, stages=[StageConfig(epochs=1)])).fit()
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(FrostlineError, match="already holds a run; resume it with --resume"):
+        Trainer(_config(tmp_path, stages=[StageConfig(epochs=1)])).fit()
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
