@@ -38,8 +38,8 @@ def test_inspect_prints_a_table_with_the_head_marked(capsys):
     assert "_fc" in out and "HEAD" in out
     assert "16 blocks" in out
     assert "freeze head: 2 of 149 tensors train (12,810 of 3,383,818 parameters" in out
-    # stem, its BatchNorm, 16 blocks, the final conv and its BatchNorm
-    assert "20 frozen modules held in eval mode through model.train(): dropout off, BatchNorm statistics fixed" in out
+    # stem, its BatchNorm, 16 blocks, the final conv and its BatchNorm; swish, pooling and dropout before the head
+    assert "23 frozen modules held in eval mode through model.train(): dropout off, BatchNorm statistics fixed" in out
 
 
 def test_inspect_says_when_weights_are_random(capsys):

@@ -138,3 +138,24 @@ def test_an_existing_output_folder_is_never_overwritten(tmp_path):
     with pytest.raises(FrostlineError, match="already holds a run; resume it with --resume"):
         Trainer(_config(tmp_path, stages=[StageConfig(epochs=1)])).fit()
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
+    stages = [StageConfig(name="head", freeze="head", epochs=1, lr=1e-2, schedule="constant")]
+    big = _config(tmp_path / "a", stages=stages, clip_grad=None)
+    small = _config(tmp_path / "b", stages=stages, clip_grad=None, grad_accum=2)
+    big.data.batch_size, small.data.batch_size = 40, 20  # 1,200 examples: whole batches only
+    one, two = Trainer(big), Trainer(small)
+    one.fit()
+    two.fit()
+
+    assert one.history[0]["steps"] == two.history[0]["steps"] == 30
+    torch.testing.assert_close(one.model.classifier.weight, two.model.classifier.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_runtime_selection_says_why():
+    from frostline.train.runtime import select_runtime
+
+    auto = select_runtime("cpu", "auto")
+    assert auto.device.type == "cpu" and auto.precision in ("bf16", "fp32") and auto.reason
+    assert select_runtime("cpu", "fp32").reason == "precision fp32 as configured"

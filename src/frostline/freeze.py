@@ -307,18 +307,26 @@ def _release_from_eval(module: nn.Module) -> None:
 
 
 def _held_modules(model: nn.Module, model_map: ModelMap, trainable: set[str], bn: BnPolicy) -> tuple[str, ...]:
-    """Fully frozen map entries that are modules, then (bn=eval) frozen BatchNorm outside them."""
+    """Modules to keep in eval mode: fully frozen entries; parameter-free modules (dropout) that run
+    before the first trainable entry, so the frozen part is a deterministic feature extractor; and
+    (bn=eval) frozen BatchNorm anywhere else."""
     modules = dict(model.named_modules())
-    entries = [
+    held = [
         e.path
         for e in model_map.entries
         if e.path and e.path in modules and e.param_names and not any(n in trainable for n in e.param_names)
     ]
-    if bn == "train":
-        return tuple(entries)
-    inside = tuple(p + "." for p in entries)
-    loose = [p for p in frozen_batchnorms(model, trainable) if p not in entries and not p.startswith(inside)]
-    return tuple(entries + loose)
+    first_trainable = next((e.path for e in model_map.entries if any(n in trainable for n in e.param_names)), None)
+    order = list(model_map.call_order)
+    if first_trainable in order:
+        for path in order[: order.index(first_trainable)]:
+            inside = any(path == h or path.startswith(h + ".") for h in held)
+            if path and not inside and next(modules[path].parameters(), None) is None:
+                held.append(path)
+    if bn == "eval":
+        inside_held = tuple(h + "." for h in held)
+        held += [p for p in frozen_batchnorms(model, trainable) if p not in held and not p.startswith(inside_held)]
+    return tuple(held)
 
 
 def frozen_batchnorms(model: nn.Module, trainable: set[str] | frozenset[str] | None = None) -> tuple[str, ...]:

@@ -64,6 +64,8 @@ class ModelMap:
     """Path of the head entry."""
     head_found_by: str
     """How the head was identified, for people reading the map."""
+    call_order: tuple[str, ...] = ()
+    """Every module path in the order the forward pass first reached it (modules never run left out)."""
 
     @property
     def blocks(self) -> tuple[MapEntry, ...]:
@@ -388,4 +390,6 @@ def _build_map(
                 called=pos != float("inf"),
             )
         )
-    return ModelMap(entries=tuple(entries), head=head, head_found_by=head_found_by)
+    names = {m: p for p, m in modules.items()}
+    call_order = tuple(names[m] for m in sorted(trace.first_call, key=trace.first_call.get) if m in names)
+    return ModelMap(entries=tuple(entries), head=head, head_found_by=head_found_by, call_order=call_order)
