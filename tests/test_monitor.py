@@ -71,3 +71,17 @@ def test_a_later_stage_that_never_beats_the_earlier_best_overfits_from_its_first
 def test_ties_on_accuracy_prefer_the_lower_validation_loss():
     history = _history(train=[1, 0.8, 0.7], val_loss=[0.5, 0.4, 0.45], val_acc=[0.9, 0.9, 0.9])
     assert OverfitMonitor().best_index(history) == 1
+
+
+def test_validation_loss_rising_for_patience_epochs_is_overfitting_even_if_accuracy_creeps_up():
+    history = _history(
+        train=[1.0, 0.5, 0.2, 0.08, 0.03, 0.01],
+        val_loss=[0.9, 0.6, 0.55, 0.70, 0.80, 0.95],
+        val_acc=[0.70, 0.78, 0.80, 0.80, 0.81, 0.815],
+    )
+    diagnosis = OverfitMonitor(patience=3).diagnose(history)
+
+    assert diagnosis.verdict == "overfitting"
+    assert diagnosis.began_epoch == 4
+    assert "validation loss rose from its low of 0.5500 at epoch 3" in diagnosis.message
+    assert OverfitMonitor(patience=3).diagnose(history[:5]).verdict == "improving"

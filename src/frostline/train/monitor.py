@@ -55,7 +55,9 @@ class OverfitMonitor:
     min_delta: float = 0.0
     """Smallest rise in the metric that counts as better."""
     train_drop: float = 0.02
-    """Relative fall of the training loss since the best epoch that counts as 'still falling'."""
+    """Relative fall of the training loss that counts as 'still falling'."""
+    val_rise: float = 0.05
+    """Relative rise of the validation loss above its low that counts as 'rising'."""
     metric: str = "val_accuracy"
 
     def best_index(self, history: list[dict[str, Any]]) -> int:
@@ -72,8 +74,11 @@ class OverfitMonitor:
     def diagnose(self, history: list[dict[str, Any]], since: int = 0) -> Diagnosis:
         """The verdict on `history` (one record per epoch); `since` is where the current stage began.
 
-        The best record is searched over the whole history, so a stage that never beats an earlier
-        stage's best is stopped after `patience` epochs of its own.
+        Overfitting is named when the training loss keeps falling while either the validation loss
+        has stayed above its low for `patience` epochs, or the validation metric has not improved
+        for `patience` epochs and the validation loss no longer falls. The best record is searched
+        over the whole history, so a stage that never beats an earlier stage's best is stopped after
+        `patience` epochs of its own.
         """
         if not history:
             return Diagnosis("improving", best_epoch=0, epochs_since_best=0)
@@ -81,35 +86,50 @@ class OverfitMonitor:
         last = history[-1]
         waited = len(history) - 1 - best
         gap = last["val_loss"] - last["train_loss"]
-        stage_epochs = len(history) - since
-        if waited < self.patience or stage_epochs < self.patience:
+        low = min(range(since, len(history)), key=lambda i: history[i]["val_loss"])
+        name = self.metric.removeprefix("val_")
+
+        def fell_since(i: int) -> bool:
+            return last["train_loss"] < history[i]["train_loss"] * (1 - self.train_drop)
+
+        above_low = len(history) - 1 - low
+        rising = above_low >= self.patience and all(
+            history[i]["val_loss"] > history[low]["val_loss"] * (1 + self.val_rise)
+            for i in range(low + 1, len(history))
+        )
+        if rising and fell_since(low):
+            began = low + 2
+            message = (
+                f"overfitting: training loss fell {history[low]['train_loss']:.4f} -> {last['train_loss']:.4f} while validation "
+                f"loss rose from its low of {history[low]['val_loss']:.4f} at epoch {low + 1} to {last['val_loss']:.4f} over "
+                f"{above_low} epochs; the model is memorising the training data instead of generalising. It began at epoch "
+                f"{began}; validation loss is now {gap:+.4f} above training loss."
+            )
+            return Diagnosis(
+                "overfitting", best + 1, waited, began_epoch=began, gap=gap, message=message, advice=list(ADVICE)
+            )
+        if waited < self.patience or len(history) - since < self.patience:
             return Diagnosis("improving", best + 1, waited, gap=gap)
         # the training loss is compared with where it stood at the best epoch, or at the stage's start
-        reference = history[best] if best >= since else history[since]
-        train_fell = last["train_loss"] < reference["train_loss"] * (1 - self.train_drop)
-        val_rose = (
-            last["val_loss"] > min(r["val_loss"] for r in history[since:])
-            or last["val_loss"] >= history[best]["val_loss"]
-        )
-        if train_fell and val_rose:
+        reference = best if best >= since else since
+        val_stalled = last["val_loss"] > history[low]["val_loss"] or last["val_loss"] >= history[best]["val_loss"]
+        if fell_since(reference) and val_stalled:
             began = max(best, since - 1) + 2
-            metric_name = self.metric.removeprefix("val_")
             message = (
-                f"overfitting: training loss fell {reference['train_loss']:.4f} -> {last['train_loss']:.4f} while validation "
-                f"{metric_name} has not improved for {waited} epochs (best {history[best][self.metric]:.4f} at epoch {best + 1}) "
-                f"and validation loss stopped falling ({history[best]['val_loss']:.4f} -> {last['val_loss']:.4f}); "
-                f"the model is memorising the training data instead of generalising. It began at epoch {began}; "
-                f"validation loss is now {gap:+.4f} above training loss."
+                f"overfitting: training loss fell {history[reference]['train_loss']:.4f} -> {last['train_loss']:.4f} while "
+                f"validation {name} has not improved for {waited} epochs (best {history[best][self.metric]:.4f} at epoch "
+                f"{best + 1}) and validation loss stopped falling ({last['val_loss']:.4f}, its low {history[low]['val_loss']:.4f} "
+                f"at epoch {low + 1}); the model is memorising the training data instead of generalising. It began at epoch "
+                f"{began}; validation loss is now {gap:+.4f} above training loss."
             )
             return Diagnosis(
                 "overfitting", best + 1, waited, began_epoch=began, gap=gap, message=message, advice=list(ADVICE)
             )
         trend = "also falling" if last["val_loss"] < history[best]["val_loss"] else "no longer falling"
         message = (
-            f"plateau: validation {self.metric.removeprefix('val_')} has not improved for {waited} epochs "
-            f"(best {history[best][self.metric]:.4f} at epoch {best + 1}); training loss "
-            f"{'fell' if train_fell else 'barely moved'} ({reference['train_loss']:.4f} -> {last['train_loss']:.4f}) and "
-            f"validation loss is {trend} ({history[best]['val_loss']:.4f} -> {last['val_loss']:.4f}): "
-            "more epochs of this stage are unlikely to pay off."
+            f"plateau: validation {name} has not improved for {waited} epochs (best {history[best][self.metric]:.4f} at "
+            f"epoch {best + 1}); training loss {'fell' if fell_since(reference) else 'barely moved'} "
+            f"({history[reference]['train_loss']:.4f} -> {last['train_loss']:.4f}) and validation loss is {trend} "
+            f"({history[best]['val_loss']:.4f} -> {last['val_loss']:.4f}): more epochs of this stage are unlikely to pay off."
         )
         return Diagnosis("plateau", best + 1, waited, gap=gap, message=message)
