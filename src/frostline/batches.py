@@ -69,6 +69,7 @@ class TensorBatches:
         self.labels = labels
         self.batch_size = batch_size
         self.shuffle = shuffle
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:

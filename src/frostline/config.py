@@ -122,6 +122,12 @@ class RunConfig:
     """Smallest rise in validation accuracy that counts as better."""
     threads: int | None = None
     """CPU threads for torch; default torch's own choice."""
+    cache: str = "auto"
+    """auto: train from cached outputs of the frozen part whenever that is valid (says why when not); off: never."""
+    cache_dtype: str = "fp32"
+    """Storage dtype of cached features: fp32, or bf16 (half the memory)."""
+    cache_memory_mb: float = 4096.0
+    """Caches larger than this go to memory-mapped files in the run folder."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -131,6 +137,10 @@ class RunConfig:
             problems.append(f"run.precision must be auto, bf16 or fp32, got {self.precision!r}")
         if isinstance(self.grad_accum, int) and self.grad_accum < 1:
             problems.append(f"run.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.cache not in ("auto", "off"):
+            problems.append(f"run.cache must be auto or off, got {self.cache!r}")
+        if self.cache_dtype not in ("fp32", "bf16"):
+            problems.append(f"run.cache_dtype must be fp32 or bf16, got {self.cache_dtype!r}")
         if isinstance(self.patience, int) and self.patience < 1:
             problems.append(f"run.patience must be >= 1, got {self.patience}")
         if self.clip_grad is not None and isinstance(self.clip_grad, (int, float)) and not self.clip_grad > 0:

@@ -28,6 +28,8 @@ class PreparedData:
     label_names: list[str]
     origin: str
     notes: list[str] = field(default_factory=list)
+    augment: bool = False
+    """Whether training inputs are randomly augmented (the feature cache is off then)."""
 
     def train_batches(self, batch_size: int, seed: int) -> TensorBatches:
         return TensorBatches(self.train_inputs, self.train_labels, batch_size, shuffle=True, seed=seed)

@@ -73,24 +73,34 @@ class RichReporter:
         for finding in findings:
             self.console.print(f"[yellow]{finding}[/]", highlight=False)
 
+    def progress_start(self, label: str, total: int) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        if total:
+            self._bar(label, total)
+
     def epoch_start(self, stage: StageConfig, epoch: int, batches: int) -> None:
+        self._bar(f"epoch {epoch} [cyan]{stage.name}[/]", batches)
+
+    def _bar(self, label: str, total: int) -> None:
         self.progress = Progress(
-            TextColumn(f"epoch {epoch} [cyan]{stage.name}[/]"),
+            TextColumn(label),
             BarColumn(),
             MofNCompleteColumn(),
             TaskProgressColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=self.console,
             transient=True,
         )
         self.progress.start()
-        self.task = self.progress.add_task("train", total=batches, loss=float("nan"))
+        self.task = self.progress.add_task("work", total=total, info="")
 
     def step(self, done: int, total: int, loss: float) -> None:
         if self.progress is not None:
-            self.progress.update(self.task, completed=done, loss=loss)
+            self.progress.update(self.task, completed=done, info=f"loss {loss:.4f}" if loss == loss else "")
 
     def epoch_end(self, record: dict[str, Any], diagnosis: Diagnosis) -> None:
         if self.progress is not None:

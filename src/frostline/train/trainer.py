@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from frostline.batches import batch_to
+from frostline.batches import TensorBatches, batch_to
 from frostline.checkpoint import atomic_save_tensors, atomic_write_text, model_tensors, read_checkpoint, save_checkpoint
 from frostline.config import FitConfig, StageConfig
 from frostline.dataset import PreparedData, prepare_data
@@ -31,6 +31,7 @@ from frostline.inspect import ModelMap, inspect_model
 from frostline.optim import build_schedule, param_groups
 from frostline.sources import ModelSource, open_model
 from frostline.sources.models import open_tokenizer
+from frostline.train.cache import FeatureCache, fingerprint, plan_cache
 from frostline.train.loop import EpochResult, EvalResult, NonFiniteLoss, evaluate, model_forward, train_epoch
 from frostline.train.monitor import Diagnosis, OverfitMonitor
 from frostline.train.runtime import Runtime, is_main_process, seed_everything, select_runtime
@@ -42,6 +43,7 @@ class Reporter(Protocol):
     def note(self, message: str) -> None: ...
     def stage_start(self, index: int, stage: StageConfig, plan: FreezePlan, findings: list[Finding]) -> None: ...
     def epoch_start(self, stage: StageConfig, epoch: int, batches: int) -> None: ...
+    def progress_start(self, label: str, total: int) -> None: ...
     def step(self, done: int, total: int, loss: float) -> None: ...
     def epoch_end(self, record: dict[str, Any], diagnosis: Diagnosis) -> None: ...
 
@@ -56,6 +58,9 @@ class SilentReporter:
         pass
 
     def epoch_start(self, stage: StageConfig, epoch: int, batches: int) -> None:
+        pass
+
+    def progress_start(self, label: str, total: int) -> None:
         pass
 
     def step(self, done: int, total: int, loss: float) -> None:
@@ -137,6 +142,8 @@ class Trainer:
         self.run_dir: Path | None = None
         self.monitor = OverfitMonitor(patience=config.run.patience, min_delta=config.run.min_delta)
         self.stage_plans: dict[str, dict[str, Any]] = {}
+        self.cache_dtype = torch.bfloat16 if config.run.cache_dtype == "bf16" else torch.float32
+        self.cache: FeatureCache | None = None
 
     # ---- set-up -------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -171,6 +178,7 @@ class Trainer:
             if is_main_process():
                 self.run_dir.mkdir(parents=True, exist_ok=True)
         self._prepare()
+        self.cache = FeatureCache(self.run_dir, self.config.run.cache_memory_mb, self.cache_dtype)
         position = {"stage": 0, "epoch": 0, "done": None}
         checkpoint = None
         if resume is not None:
@@ -229,15 +237,15 @@ class Trainer:
         if checkpoint is not None and checkpoint["optimizer"] is not None and first_epoch > 0:
             optimizer.load_state_dict(checkpoint["optimizer"])
             schedule.load_state_dict(checkpoint["schedule"])
+        self.reporter.stage_start(index, stage, plan, findings)
+        forward, modules, batches, val_batches, cached = self._stage_inputs(plan, batches)
         if checkpoint is not None:
             # at a stage boundary the new stage's batch order starts fresh, as in an uninterrupted run
             if first_epoch > 0:
                 batches.generator.set_state(checkpoint["rng"]["batches"])
             torch.set_rng_state(checkpoint["rng"]["torch"])
-        self.reporter.stage_start(index, stage, plan, findings)
         since = len(self.history) - first_epoch
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        forward = model_forward(self.model)
         diagnosis, stop = None, None
         for epoch in range(first_epoch, stage.epochs):
             self.model.train()
@@ -259,10 +267,10 @@ class Trainer:
                     f"stage {stage.name!r}, epoch {len(self.history) + 1}: {err}"
                     + (f"; checkpoint and best weights in {self.run_dir} are from before it" if self.run_dir else "")
                 ) from err
-            evaluation = evaluate(
-                forward, self.data.val_batches(self.config.data.eval_batch_size), self.runtime, [self.model]
-            )
+            evaluation = evaluate(forward, val_batches, self.runtime, modules)
             record = self._record(stage, index, epoch, plan, result, evaluation, optimizer)
+            record["cache"] = cached["what"]
+            record["cache_seconds"] = round(cached["seconds"], 3) if epoch == first_epoch else 0.0
             self.history.append(record)
             diagnosis = self.monitor.diagnose(self.history, since)
             record["verdict"] = diagnosis.verdict
@@ -285,6 +293,54 @@ class Trainer:
         report = guard.verify()
         self.reporter.note(report.summary())
         return diagnosis, stop
+
+    def _stage_inputs(
+        self, plan: FreezePlan, batches: TensorBatches
+    ) -> tuple[Any, list[nn.Module], TensorBatches, TensorBatches, dict[str, Any]]:
+        """The forward pass, modules and batches of a stage: from the feature cache when it is valid.
+
+        Cached batches are shuffled by a generator seeded like the plain ones, so both see the same order.
+        """
+        val_batches = self.data.val_batches(self.config.data.eval_batch_size)
+        plain = (model_forward(self.model), [self.model], batches, val_batches, {"what": None, "seconds": 0.0})
+        tail = plan_cache(self.config.run.cache, self.model, self.model_map, plan, self.data.augment)
+        if isinstance(tail, str):
+            self.reporter.note(f"feature cache: {tail}")
+            return plain
+        key = fingerprint(self.model, tail.boundary, [self.data.train_inputs, self.data.val_inputs], self.cache_dtype)
+        size = self.config.data.eval_batch_size
+        try:
+            self.reporter.progress_start(f"caching {tail.describe}", math.ceil(len(self.data.train_labels) / size))
+            train, train_seconds, where = self.cache.get(
+                tail, f"{key}-train", self.data.train_inputs, self.runtime, size, self.reporter.step
+            )
+            self.reporter.progress_start("caching validation", math.ceil(len(self.data.val_labels) / size))
+            val, val_seconds, _ = self.cache.get(
+                tail, f"{key}-val", self.data.val_inputs, self.runtime, size, self.reporter.step
+            )
+        except ValueError as err:
+            self.reporter.note(f"feature cache: off: {err}")
+            return plain
+        finally:
+            self.reporter.progress_start("", 0)
+        seconds = train_seconds + val_seconds
+        self.reporter.note(
+            f"feature cache: on: {tail.describe}, {_describe_size(train, val)} in {where}, made in {seconds:.1f}s; "
+            "epochs run only the trainable part"
+        )
+        seed = batches.seed
+        cached_batches = TensorBatches(train, self.data.train_labels, batches.batch_size, shuffle=True, seed=seed)
+
+        def forward(features: Any) -> torch.Tensor:
+            return tail.forward(_as_float(features))
+
+        return (
+            forward,
+            tail.modules,
+            cached_batches,
+            TensorBatches(val, self.data.val_labels, size),
+            {"what": tail.describe, "seconds": seconds},
+        )
 
     def _stage_endings(self) -> list[str]:
         endings = []
@@ -364,6 +420,21 @@ class Trainer:
             label_names=self.data.label_names,
             stage_plans=self.stage_plans,
         )
+
+
+def _as_float(features: Any) -> Any:
+    if isinstance(features, dict):
+        return {k: v.float() if v.is_floating_point() else v for k, v in features.items()}
+    return features.float()
+
+
+def _describe_size(*splits: Any) -> str:
+    def tensors(f: Any) -> list[torch.Tensor]:
+        return list(f.values()) if isinstance(f, dict) else [f]
+
+    total = sum(t.numel() * t.element_size() for f in splits for t in tensors(f))
+    first = tensors(splits[0])[0]
+    return f"{tuple(first.shape)} {str(first.dtype).removeprefix('torch.')}, {total / 2**20:,.1f} MB"
 
 
 def _adamw(groups: list[dict[str, Any]], runtime: Runtime) -> torch.optim.Optimizer:

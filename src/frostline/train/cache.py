@@ -1,0 +1,160 @@
+"""The feature cache: compute the frozen part of the model once, then train the rest on its outputs.
+
+Valid only when the cached part is a deterministic function of the input: entirely frozen, its
+BatchNorm in eval mode, its dropout inactive, and no random augmentation in the data. Caches are
+keyed by a fingerprint of the frozen weights, the boundary, and the data, so a stale cache is never
+used; they live in memory under a budget, else memory-mapped from the run folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from frostline.batches import Batch, TensorBatches
+from frostline.freeze import FreezePlan, held_in_eval
+from frostline.inspect import ModelMap
+from frostline.train.runtime import Runtime
+from frostline.train.tails import Features, Tail, block_tail, head_tail
+
+
+def plan_cache(mode: str, model: nn.Module, model_map: ModelMap, plan: FreezePlan, augment: bool) -> Tail | str:
+    """The tail to train from a cache, or the one-line reason why the cache is off."""
+    if mode == "off":
+        return "off (run.cache=off)"
+    if augment:
+        return "off: the data has random augmentation, so the frozen part's output changes every epoch"
+    trainable = plan.trainable
+    entries = list(model_map.entries)
+    first = next((i for i, e in enumerate(entries) if any(n in trainable for n in e.param_names)), None)
+    if first is None or first == 0:
+        return "off: nothing before the first trainable entry is frozen"
+    frozen_before = entries[:first]
+    if any(n in trainable for e in frozen_before for n in e.param_names):
+        return "off: the part before the boundary is not entirely frozen"
+    if plan.spec.bn == "train":
+        return "off: BatchNorm in the frozen part updates its statistics (bn=train)"
+    held = held_in_eval(model)
+    order = list(model_map.call_order)
+    boundary = entries[first].path
+    if boundary in order:
+        for path in order[: order.index(boundary)]:
+            module = model.get_submodule(path) if path else model
+            ancestors_held = any(path == h or path.startswith(h + ".") for h in held)
+            if path and not ancestors_held and next(module.children(), None) is None and _stochastic(module):
+                return f"off: {path} ({type(module).__name__}) in the frozen part is not held in eval mode"
+    if entries[first].kind == "head":
+        return head_tail(model, model_map)
+    return block_tail(model, model_map, boundary)
+
+
+def _stochastic(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm))
+
+
+def fingerprint(model: nn.Module, boundary: str, inputs: list[Batch], dtype: torch.dtype) -> str:
+    """A key that changes with any frozen weight or buffer, the boundary, the data, or the storage dtype."""
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(f"{type(model).__name__}|{boundary}|{dtype}".encode())
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    for name, buffer in model.named_buffers():
+        digest.update(name.encode())
+        digest.update(buffer.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    for batch in inputs:
+        tensors = batch.values() if isinstance(batch, dict) else [batch]
+        for tensor in tensors:
+            digest.update(tensor.reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class CachedSplit:
+    """Cached features of one split, with its labels."""
+
+    features: Features
+    labels: torch.Tensor
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> TensorBatches:
+        return TensorBatches(self.features, self.labels, batch_size, shuffle=shuffle, seed=seed)
+
+
+def _nbytes(features: Features) -> int:
+    tensors = features.values() if isinstance(features, dict) else [features]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _slices(inputs: Batch, size: int) -> list[Batch]:
+    n = len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
+    if isinstance(inputs, dict):
+        return [{k: v[i : i + size] for k, v in inputs.items()} for i in range(0, n, size)]
+    return [inputs[i : i + size] for i in range(0, n, size)]
+
+
+def _concat(parts: list[Features], dtype: torch.dtype) -> Features:
+    def store(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if t.is_floating_point() else t
+
+    if isinstance(parts[0], dict):
+        return {k: store(torch.cat([p[k] for p in parts])) for k in parts[0]}
+    return store(torch.cat(parts))
+
+
+class FeatureCache:
+    """Cached frozen-part outputs, in memory within a budget, else memory-mapped files in `folder`."""
+
+    def __init__(self, folder: Path | None, memory_budget_mb: float, dtype: torch.dtype):
+        self.folder = folder
+        self.budget = memory_budget_mb * 2**20
+        self.dtype = dtype
+        self.memory: dict[str, Features] = {}
+
+    def get(
+        self,
+        tail: Tail,
+        key: str,
+        inputs: Batch,
+        runtime: Runtime,
+        batch_size: int,
+        progress: Callable[[int, int, float], None] | None = None,
+    ) -> tuple[Features, float, str]:
+        """Features for `inputs` under `key`: from memory, from disk, or computed now; with seconds spent and where."""
+        if key in self.memory:
+            return self.memory[key], 0.0, "memory (reused)"
+        path = self.folder / "cache" / f"{key}.pt" if self.folder is not None else None
+        if path is not None and path.is_file():
+            return torch.load(path, mmap=True, weights_only=True), 0.0, f"{path} (reused)"
+        start = time.perf_counter()
+        parts = []
+        chunks = _slices(inputs, batch_size)
+        with torch.inference_mode(), runtime.autocast():
+            for i, chunk in enumerate(chunks):
+                chunk = (
+                    {k: v.to(runtime.device) for k, v in chunk.items()}
+                    if isinstance(chunk, dict)
+                    else chunk.to(runtime.device)
+                )
+                captured = tail.capture(chunk)
+                parts.append(
+                    {k: v.cpu() for k, v in captured.items()} if isinstance(captured, dict) else captured.cpu()
+                )
+                if progress is not None:
+                    progress(i + 1, len(chunks), float("nan"))
+        features = _concat(parts, self.dtype)
+        seconds = time.perf_counter() - start
+        if _nbytes(features) <= self.budget or path is None:
+            self.memory[key] = features
+            return features, seconds, "memory"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(features, tmp)
+        tmp.replace(path)
+        return torch.load(path, mmap=True, weights_only=True), seconds, str(path)

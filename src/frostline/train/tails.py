@@ -1,0 +1,150 @@
+"""Running a model from a block boundary: how the feature cache skips the frozen part.
+
+A `Tail` knows how to capture the inputs of the first trainable entry (the frozen part's output)
+and how to run the rest of the model from them. The head needs nothing but a hook, so head-only
+stages work on any model; deeper boundaries need the model family's remaining forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from frostline.batches import Batch, call_model, logits_of
+from frostline.inspect import ModelMap
+from frostline.sources.sentence import SentenceClassifier, pool
+
+Features = torch.Tensor | dict[str, torch.Tensor]
+
+
+class _Captured(Exception):
+    """Raised by a capture hook to end a forward pass once the boundary's inputs are in hand."""
+
+
+@dataclass
+class Tail:
+    """The trainable remainder of a model, run from cached features."""
+
+    boundary: str
+    """The entry whose inputs are cached."""
+    describe: str
+    """What is cached, for people."""
+    capture: Callable[[Batch], Features]
+    """The frozen part's output for a batch (called under inference mode)."""
+    forward: Callable[[Features], torch.Tensor]
+    """Logits from cached features."""
+    modules: list[nn.Module]
+    """The modules the tail runs (put in train or eval mode by the loop)."""
+
+
+def _capture_input(model: nn.Module, module: nn.Module, batch: Batch, stop: bool) -> tuple[tuple, Any]:
+    """The positional arguments `module` receives when `model` runs `batch`, and the model's output."""
+    seen: list[tuple] = []
+
+    def hook(mod: nn.Module, args: tuple) -> None:
+        seen.append(args)
+        if stop:
+            raise _Captured
+
+    handle = module.register_forward_pre_hook(hook)
+    output = None
+    try:
+        output = call_model(model, batch)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise ValueError(f"the module ran {len(seen)} times in one forward pass")
+    return seen[0], output
+
+
+def head_tail(model: nn.Module, model_map: ModelMap) -> Tail:
+    """Cache the head's input: works on any model whose output is the head's output."""
+    head = model.get_submodule(model_map.head) if model_map.head else model
+
+    def capture(batch: Batch) -> torch.Tensor:
+        args, output = _capture_input(model, head, batch, stop=False)
+        if len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            raise ValueError("the head takes more than one tensor")
+        features = args[0]
+        # the head's output must be the model's output, or replaying the head alone would be wrong
+        if not torch.allclose(logits_of(head(features)).float(), logits_of(output).float(), atol=1e-5, rtol=1e-4):
+            raise ValueError(f"the model changes the output of its head {model_map.head!r}")
+        return features
+
+    return Tail(model_map.head, f"inputs of the head {model_map.head}", capture, lambda f: logits_of(head(f)), [head])
+
+
+def block_tail(model: nn.Module, model_map: ModelMap, boundary: str) -> Tail | str:
+    """A tail that starts at block `boundary`; the reason as a string when the family is not supported."""
+    if isinstance(model, SentenceClassifier) and _bert_like(model.encoder):
+        return _bert_tail(model, model.encoder, boundary, finish=lambda h, m: model.classifier(_sentence(model, h, m)))
+    bert = getattr(model, "bert", None)
+    if bert is not None and _bert_like(bert) and isinstance(getattr(model, "classifier", None), nn.Module):
+        return _bert_tail(model, bert, boundary, finish=lambda h, m: model.classifier(model.dropout(bert.pooler(h))))
+    if isinstance(model, nn.Sequential):
+        return _sequential_tail(model, boundary)
+    return f"no way to run {type(model).__name__} from block {boundary} is known (BERT-like encoders and nn.Sequential are)"
+
+
+def _sentence(model: SentenceClassifier, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    pooled = pool(hidden, mask, model.pooling)
+    return torch.nn.functional.normalize(pooled, dim=-1) if model.normalize else pooled
+
+
+def _bert_like(encoder: nn.Module) -> bool:
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    return isinstance(layers, nn.ModuleList) and hasattr(encoder, "embeddings")
+
+
+def _bert_tail(model: nn.Module, encoder: nn.Module, boundary: str, finish: Callable) -> Tail | str:
+    names = {m: p for p, m in model.named_modules()}
+    layers = list(encoder.encoder.layer)
+    paths = [names[layer] for layer in layers]
+    if boundary not in paths:
+        return f"{boundary} is not a layer of {type(encoder).__name__}"
+    start = paths.index(boundary)
+
+    def capture(batch: Batch) -> dict[str, torch.Tensor]:
+        args, _ = _capture_input(model, layers[start], batch, stop=True)
+        return {"hidden": args[0], "attention_mask": batch["attention_mask"]}
+
+    def forward(features: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden, mask = features["hidden"], features["attention_mask"]
+        if hasattr(encoder, "_create_attention_masks"):
+            extended = encoder._create_attention_masks(
+                attention_mask=mask,
+                encoder_attention_mask=None,
+                embedding_output=hidden,
+                encoder_hidden_states=None,
+                cache=None,
+            )[0]
+        else:
+            extended = encoder.get_extended_attention_mask(mask, hidden.shape[:2])
+        for layer in layers[start:]:
+            out = layer(hidden, extended)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return logits_of(finish(hidden, mask))
+
+    after = [m for n, m in encoder.named_children() if n not in ("embeddings", "encoder")]
+    modules = [*layers[start:], *after, *(m for m in model.children() if m is not encoder)]
+    return Tail(boundary, f"inputs of {boundary} (token states + attention mask)", capture, forward, modules)
+
+
+def _sequential_tail(model: nn.Sequential, boundary: str) -> Tail | str:
+    names = [name for name, _ in model.named_children()]
+    if boundary not in names:
+        return f"{boundary} is not a direct child of the nn.Sequential model"
+    start = names.index(boundary)
+    rest = model[start:]
+
+    def capture(batch: Batch) -> torch.Tensor:
+        args, _ = _capture_input(model, model[start], batch, stop=True)
+        return args[0]
+
+    return Tail(boundary, f"inputs of {boundary}", capture, lambda f: rest(f), [rest])
