@@ -89,7 +89,22 @@ def block_tail(model: nn.Module, model_map: ModelMap, boundary: str) -> Tail | s
         return _bert_tail(model, bert, boundary, finish=lambda h, m: model.classifier(model.dropout(bert.pooler(h))))
     if isinstance(model, nn.Sequential):
         return _sequential_tail(model, boundary)
-    return f"no way to run {type(model).__name__} from block {boundary} is known (BERT-like encoders and nn.Sequential are)"
+    if type(model).__module__.startswith("efficientnet_lite_pytorch") and not model._global_params.local_pooling:
+        return _efficientnet_lite_tail(model, boundary)
+    if all(hasattr(model, f"layer{i}") for i in range(1, 5)) and (
+        hasattr(model, "forward_head") or hasattr(model, "fc")
+    ):
+        return _resnet_tail(model, boundary)
+    if (
+        isinstance(getattr(model, "blocks", None), nn.Sequential)
+        and hasattr(model, "forward_head")
+        and hasattr(model, "norm")
+    ):
+        return _vit_tail(model, boundary)
+    return (
+        f"no way to run {type(model).__name__} from block {boundary} is known (BERT-like encoders, timm/torchvision "
+        "ResNets, timm ViTs, efficientnet-lite and nn.Sequential are)"
+    )
 
 
 def _sentence(model: SentenceClassifier, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -140,11 +155,76 @@ def _sequential_tail(model: nn.Sequential, boundary: str) -> Tail | str:
     names = [name for name, _ in model.named_children()]
     if boundary not in names:
         return f"{boundary} is not a direct child of the nn.Sequential model"
-    start = names.index(boundary)
-    rest = model[start:]
+    rest = model[names.index(boundary) :]
+    return Tail(boundary, f"inputs of {boundary}", _input_capture(model, rest[0]), lambda f: rest(f), [rest])
 
+
+def _input_capture(model: nn.Module, module: nn.Module) -> Callable[[Batch], torch.Tensor]:
     def capture(batch: Batch) -> torch.Tensor:
-        args, _ = _capture_input(model, model[start], batch, stop=True)
-        return args[0]
+        return _capture_input(model, module, batch, stop=True)[0][0]
 
-    return Tail(boundary, f"inputs of {boundary}", capture, lambda f: rest(f), [rest])
+    return capture
+
+
+def _efficientnet_lite_tail(model: nn.Module, boundary: str) -> Tail | str:
+    blocks = list(model._blocks)
+    paths = [f"_blocks.{i}" for i in range(len(blocks))]
+    if boundary not in paths:
+        return f"{boundary} is not one of EfficientNet's _blocks"
+    start = paths.index(boundary)
+    rate = model._global_params.drop_connect_rate
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        # the same per-block drop-connect schedule as EfficientNet.extract_features
+        for idx in range(start, len(blocks)):
+            x = blocks[idx](x, drop_connect_rate=rate * idx / len(blocks) if rate else rate)
+        x = model._swish(model._bn1(model._conv_head(x)))
+        return model._fc(model._dropout(model._avg_pooling(x).flatten(1)))
+
+    modules = [*blocks[start:], model._conv_head, model._bn1, model._dropout, model._fc]
+    return Tail(boundary, f"inputs of {boundary}", _input_capture(model, blocks[start]), forward, modules)
+
+
+def _resnet_tail(model: nn.Module, boundary: str) -> Tail | str:
+    order = [(f"layer{i}.{j}", block) for i in range(1, 5) for j, block in enumerate(getattr(model, f"layer{i}"))]
+    paths = [p for p, _ in order]
+    if boundary not in paths:
+        return f"{boundary} is not a ResNet block"
+    start = paths.index(boundary)
+    rest = [block for _, block in order[start:]]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        for block in rest:
+            x = block(x)
+        if hasattr(model, "forward_head"):
+            return model.forward_head(x)
+        return model.fc(torch.flatten(model.avgpool(x), 1))
+
+    tail_modules = [
+        m
+        for n, m in model.named_children()
+        if not n.startswith("layer") and n not in ("conv1", "bn1", "act1", "relu", "maxpool")
+    ]
+    return Tail(boundary, f"inputs of {boundary}", _input_capture(model, rest[0]), forward, [*rest, *tail_modules])
+
+
+def _vit_tail(model: nn.Module, boundary: str) -> Tail | str:
+    blocks = list(model.blocks)
+    paths = [f"blocks.{i}" for i in range(len(blocks))]
+    if boundary not in paths:
+        return f"{boundary} is not one of the transformer's blocks"
+    start = paths.index(boundary)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        for block in blocks[start:]:
+            x = block(x)
+        return model.forward_head(model.norm(x))
+
+    after = [m for n, m in model.named_children() if n in ("norm", "fc_norm", "head_drop", "head")]
+    return Tail(
+        boundary,
+        f"inputs of {boundary} (token states)",
+        _input_capture(model, blocks[start]),
+        forward,
+        [*blocks[start:], *after],
+    )
