@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/frostline inspect hf:minilm --num-classes 5 --freeze last:2
+	$(BIN)/frostline fit
 
 test: $(STAMP)
 	$(BIN)/python -m ruff check src tests
