@@ -308,7 +308,8 @@ class Trainer:
             self.reporter.note(f"feature cache: {tail}")
             return plain
         key = fingerprint(self.model, tail.boundary, [self.data.train_inputs, self.data.val_inputs], self.cache_dtype)
-        size = self.config.data.eval_batch_size
+        # the training batch size: the frozen part then sees the same shapes as in an uncached epoch
+        size = self.config.data.batch_size
         try:
             self.reporter.progress_start(f"caching {tail.describe}", math.ceil(len(self.data.train_labels) / size))
             train, train_seconds, where = self.cache.get(
@@ -338,7 +339,7 @@ class Trainer:
             forward,
             tail.modules,
             cached_batches,
-            TensorBatches(val, self.data.val_labels, size),
+            TensorBatches(val, self.data.val_labels, self.config.data.eval_batch_size),
             {"what": tail.describe, "seconds": seconds},
         )
 
