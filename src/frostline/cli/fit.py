@@ -84,6 +84,10 @@ class RichReporter:
         self._bar(f"epoch {epoch} [cyan]{stage.name}[/]", batches)
 
     def _bar(self, label: str, total: int) -> None:
+        if not self.console.is_terminal:
+            # logs and pipes get the per-epoch lines only
+            self.progress = None
+            return
         self.progress = Progress(
             TextColumn(label),
             BarColumn(),

@@ -69,7 +69,7 @@ def summary_table(result: FitResult) -> Table:
     for name, records in stages.items():
         last = records[-1]
         top = max(records, key=lambda r: r["val_accuracy"])
-        seconds = sum(r["train_seconds"] + r["eval_seconds"] for r in records)
+        seconds = sum(r["train_seconds"] + r["eval_seconds"] + r.get("cache_seconds", 0.0) for r in records)
         plan = result.stage_plans.get(name, {})
         kept = "[bold green]kept[/]" if result.best_stage == name else ""
         table.add_row(

@@ -115,11 +115,15 @@ class OverfitMonitor:
         val_stalled = last["val_loss"] > history[low]["val_loss"] or last["val_loss"] >= history[best]["val_loss"]
         if fell_since(reference) and val_stalled:
             began = max(best, since - 1) + 2
+            if last["val_loss"] >= history[best]["val_loss"]:
+                where_low = f"against {history[best]['val_loss']:.4f} at the best epoch {best + 1}"
+            else:
+                where_low = f"above its low of {history[low]['val_loss']:.4f} at epoch {low + 1}"
             message = (
                 f"overfitting: training loss fell {history[reference]['train_loss']:.4f} -> {last['train_loss']:.4f} while "
                 f"validation {name} has not improved for {waited} epochs (best {history[best][self.metric]:.4f} at epoch "
-                f"{best + 1}) and validation loss stopped falling ({last['val_loss']:.4f}, its low {history[low]['val_loss']:.4f} "
-                f"at epoch {low + 1}); the model is memorising the training data instead of generalising. It began at epoch "
+                f"{best + 1}) and validation loss stopped falling ({last['val_loss']:.4f}, {where_low}); the model is "
+                "memorising the training data instead of generalising. It began at epoch "
                 f"{began}; validation loss is now {gap:+.4f} above training loss."
             )
             return Diagnosis(
