@@ -103,6 +103,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--only", choices=["minilm", "efficientnet"], help="run one task")
+    parser.add_argument("--stages", nargs="+", default=["head", "last:2"], help="freeze specs to measure")
     parser.add_argument(
         "--end-to-end", action="store_true", help="also time frostline fit on the default, cache on and off"
     )
@@ -130,7 +131,7 @@ def main() -> int:
             )
         )
     for task, model, data_ref, data, batch in tasks:
-        for spec in ("head", "last:2"):
+        for spec in args.stages:
             off = measure(model, data_ref, spec, "off", args.epochs, data, batch)
             on = measure(model, data_ref, spec, "auto", args.epochs, data, batch)
             lines.append(row(task, spec, off, on))
