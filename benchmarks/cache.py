@@ -55,6 +55,8 @@ def measure(
         stages=[stage],
         run=RunConfig(cache=cache, patience=epochs + 1, precision="fp32"),
     )
+    # seeded like the trainer seeds, so the runs with and without the cache start from the same head
+    torch.manual_seed(0)
     source = open_model(model_ref, num_classes=len(data.label_names) if data is not None else 5)
     trainer = Trainer(config, source=source, data=data)
     result = trainer.fit(write=False)
