@@ -92,6 +92,7 @@ def test_resume_after_a_kill_reaches_the_same_final_weights(tmp_path, kill_after
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
     assert [r["val_loss"] for r in straight.history] == [r["val_loss"] for r in resumed.history]
     assert len((tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()) == 4
+    assert [r["freeze"] for r in resumed.history] == ["head", "head", "last:1", "last:1"]
 
 
 def test_overfitting_is_named_stops_the_run_and_keeps_the_best_weights(tmp_path):

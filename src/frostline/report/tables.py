@@ -70,11 +70,11 @@ def summary_table(result: FitResult) -> Table:
         last = records[-1]
         top = max(records, key=lambda r: r["val_accuracy"])
         seconds = sum(r["train_seconds"] + r["eval_seconds"] + r.get("cache_seconds", 0.0) for r in records)
-        plan = result.stage_plans.get(name, {})
+        spec = result.stage_plans.get(name, {}).get("spec", last.get("freeze", ""))
         kept = "[bold green]kept[/]" if result.best_stage == name else ""
         table.add_row(
             name,
-            plan.get("spec", ""),
+            spec,
             f"{last['trainable_params']:,d}",
             str(len(records)),
             f"{last['train_loss']:.4f}",

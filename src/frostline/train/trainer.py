@@ -370,6 +370,7 @@ class Trainer:
             "stage": stage.name,
             "stage_index": index,
             "stage_epoch": epoch + 1,
+            "freeze": str(plan.spec),
             "train_loss": result.loss,
             "train_accuracy": result.accuracy,
             "val_loss": evaluation.loss,
