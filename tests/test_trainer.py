@@ -36,6 +36,7 @@ def test_stages_change_what_trains_and_frozen_tensors_never_move(tmp_path):
     assert not torch.equal(final.features[3].weight, initial.features[3].weight)
     assert not torch.equal(final.classifier.weight, initial.classifier.weight)
     assert result.best_val_accuracy > 0.4  # 10 classes: it learned
+    assert result.stop_reason == "every stage done (head: all 2 epochs; last1: all 2 epochs)"
 
 
 def test_optimizer_and_schedule_are_rebuilt_per_stage(tmp_path):

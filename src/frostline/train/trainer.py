@@ -208,7 +208,7 @@ class Trainer:
                 index, first_epoch, checkpoint if index == position["stage"] else None
             )
         if stop_reason is None:
-            stop_reason = "every stage ran to its end"
+            stop_reason = "every stage done (" + "; ".join(self._stage_endings()) + ")"
         if self.best_state is not None:
             self.model.load_state_dict({k: v.to(self.runtime.device) for k, v in self.best_state.items()})
         return self._result(stop_reason, diagnosis, time.perf_counter() - start)
