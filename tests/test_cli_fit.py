@@ -63,10 +63,10 @@ def test_predict_prints_labels_with_probabilities(fitted_run, capsys):
     assert 0 < sum(line["probabilities"].values()) <= 1.0001
 
 
-def _fails(capsys, argv, message):
+def _fails(capsys, argv):
+    """Run the CLI expecting exit code 1 and no traceback; return what it printed on stderr."""
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert message in err, err
     assert "Traceback" not in err
     return err
 
@@ -74,48 +74,36 @@ def _fails(capsys, argv, message):
 def test_unknown_config_key_names_the_closest(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("data:\n  batchsize: 8\n")
-    _fails(capsys, ["fit", str(config)], "unknown key data.batchsize; did you mean data.batch_size?")
+    assert "unknown key data.batchsize; did you mean data.batch_size?" in _fails(capsys, ["fit", str(config)])
 
 
 def test_missing_label_column(news_csv, tmp_path, capsys):
-    _fails(
-        capsys,
-        ["fit", "--data", str(news_csv), "--set", "data.label_column=topic", "--output", str(tmp_path / "r")],
-        "label_column='topic' is not a column",
-    )
+    argv = ["fit", "--data", str(news_csv), "--set", "data.label_column=topic", "--output", str(tmp_path / "r")]
+    assert "label_column='topic' is not a column" in _fails(capsys, argv)
 
 
 def test_one_class_and_empty_data(tmp_path, capsys):
     (tmp_path / "one.csv").write_text("text,label\na b c,x\nd e f,x\ng h,x\n")
     (tmp_path / "empty.csv").write_text("text,label\n")
-    _fails(
-        capsys,
-        ["fit", "--data", str(tmp_path / "one.csv"), "--output", str(tmp_path / "r1")],
-        "holds a single class ('x')",
-    )
-    _fails(
-        capsys,
-        ["fit", "--data", str(tmp_path / "empty.csv"), "--output", str(tmp_path / "r2")],
-        "holds no labelled examples",
-    )
+    one = ["fit", "--data", str(tmp_path / "one.csv"), "--output", str(tmp_path / "r1")]
+    empty = ["fit", "--data", str(tmp_path / "empty.csv"), "--output", str(tmp_path / "r2")]
+    assert "holds a single class ('x')" in _fails(capsys, one)
+    assert "holds no labelled examples" in _fails(capsys, empty)
 
 
 def test_validation_classes_missing_from_training(news_csv, tmp_path, capsys):
     (tmp_path / "val.csv").write_text("text,label\nsome text,weather\nmore,sports\n")
-    _fails(
-        capsys,
-        [
-            "fit",
-            "--data",
-            str(news_csv),
-            "--set",
-            f"data.val_ref={tmp_path / 'val.csv'}",
-            "--output",
-            str(tmp_path / "r"),
-        ],
-        "has classes the training data lacks: ['weather']",
-    )
+    argv = [
+        "fit",
+        "--data",
+        str(news_csv),
+        "--set",
+        f"data.val_ref={tmp_path / 'val.csv'}",
+        "--output",
+        str(tmp_path / "r"),
+    ]
+    assert "has classes the training data lacks: ['weather']" in _fails(capsys, argv)
 
 
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
-    _fails(capsys, ["fit", "--resume", str(tmp_path)], "no config.json there")
+    assert "no config.json there" in _fails(capsys, ["fit", "--resume", str(tmp_path)])
