@@ -131,3 +131,24 @@ def test_python_factory(tmp_path, monkeypatch):
         load_model("py:my_models:buidl")
     with pytest.raises(ModelRefError, match="must be a whole number"):
         load_model("py:my_models:build", num_classes=0)
+
+
+def test_hf_name_is_found_in_the_local_cache_without_network(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "models--acme--tiny-bert" / "snapshots" / "abc123"
+    model, _ = tiny_bert(num_labels=3, vocab_size=30522)
+    model.save_pretrained(snapshot)
+    open_model("hf:minilm").tokenizer.save_pretrained(snapshot)
+    (tmp_path / "models--acme--tiny-bert" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny-bert" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+
+    source = open_model("hf:acme/tiny-bert", num_classes=2)
+
+    assert source.model.config.num_labels == 2
+    torch.testing.assert_close(
+        source.model.bert.embeddings.word_embeddings.weight, model.bert.embeddings.word_embeddings.weight
+    )
+    with pytest.raises(ModelRefError, match="no copy in the local Hugging Face cache"):
+        open_model("hf:acme/not-there")

@@ -18,13 +18,6 @@ def call_model(model: nn.Module, batch: Batch) -> Any:
     return model(batch)
 
 
-def batch_size(batch: Batch) -> int:
-    """Number of examples in `batch` (the first dimension of its first tensor)."""
-    if isinstance(batch, Mapping):
-        return next(iter(batch.values())).shape[0]
-    return batch.shape[0]
-
-
 def logits_of(output: Any) -> torch.Tensor:
     """The logits tensor of a model output: a tensor, a transformers `ModelOutput`, a tuple or a dict."""
     if isinstance(output, torch.Tensor):

@@ -24,8 +24,6 @@ class ModelSource:
     """False when the weights are random because no pretrained weights could be had offline."""
     notes: list[str] = field(default_factory=list)
     """Lines for people: what was loaded and how."""
-    head: str | None = None
-    """Path of the head when the source knows it."""
     tokenizer: Any = None
     """The tokenizer of a text model."""
     preprocess: dict[str, Any] = field(default_factory=dict)

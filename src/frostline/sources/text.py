@@ -35,10 +35,14 @@ def resolve_folder(name: str) -> Path:
         if not (folder / "config.json").is_file():
             raise ModelRefError(f"hf:{name}: the folder has no config.json, so it is not a transformers model folder")
         return folder
-    with contextlib.suppress(Exception):
-        from huggingface_hub import snapshot_download
+    # a model already in the local Hugging Face cache; nothing is fetched
+    from huggingface_hub import try_to_load_from_cache
 
-        return Path(snapshot_download(name, local_files_only=True))
+    cached = None
+    with contextlib.suppress(ValueError):  # a name that cannot be a repository id (a path, say)
+        cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return Path(cached).parent
     raise ModelRefError(
         f"hf:{name}: no such folder, and no copy in the local Hugging Face cache; frostline loads transformers "
         f"models from disk (give a folder made by save_pretrained), or hf:minilm for the bundled MiniLM"

@@ -71,7 +71,6 @@ def open_timm(name: str, num_classes: int | None) -> ModelSource:
         example_batch=_example_images(size),
         pretrained=bool(cached),
         notes=notes,
-        head=cfg.get("classifier") if isinstance(cfg.get("classifier"), str) else None,
         preprocess=preprocess,
     )
 
@@ -119,7 +118,6 @@ def open_torchvision(name: str, num_classes: int | None) -> ModelSource:
         example_batch=_example_images(size),
         pretrained=bool(cached),
         notes=notes,
-        head=_torchvision_head(model),
         preprocess=preprocess,
     )
 
@@ -158,6 +156,5 @@ def open_efficientnet_lite0(num_classes: int | None) -> ModelSource:
         example_batch=_example_images(size, low=-1.0),
         pretrained=True,
         notes=notes,
-        head="_fc",
         preprocess={"input_size": size, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "range": (-1, 1)},
     )
