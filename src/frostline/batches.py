@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -57,12 +57,22 @@ class TensorBatches:
     A plain loop over slices: per-step framework overhead would dominate once epochs take milliseconds.
     """
 
-    def __init__(self, inputs: Batch, labels: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        inputs: Batch,
+        labels: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        transform: Callable[[Batch, torch.Generator], Batch] | None = None,
+    ):
         self.inputs = inputs
         self.labels = labels
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
+        self.transform = transform
+        """Applied to each batch's inputs with the generator (images: scaling, normalisation, augmentation)."""
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -73,7 +83,9 @@ class TensorBatches:
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         for start in range(0, n, self.batch_size):
             idx = order[start : start + self.batch_size]
-            if isinstance(self.inputs, Mapping):
-                yield {k: v[idx] for k, v in self.inputs.items()}, self.labels[idx]
-            else:
-                yield self.inputs[idx], self.labels[idx]
+            inputs = (
+                {k: v[idx] for k, v in self.inputs.items()} if isinstance(self.inputs, Mapping) else self.inputs[idx]
+            )
+            if self.transform is not None:
+                inputs = self.transform(inputs, self.generator)
+            yield inputs, self.labels[idx]

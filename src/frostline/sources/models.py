@@ -83,6 +83,13 @@ def open_tokenizer(ref: str):
     return open_hf_tokenizer(rest)
 
 
+def open_preprocess(ref: str) -> dict | None:
+    """The input conventions of an image model reference, without loading the model; None for other models."""
+    from frostline.sources.vision import vision_preprocess
+
+    return vision_preprocess(ref)
+
+
 def open_python(target: str, num_classes: int | None) -> ModelSource:
     """`py:module:factory`: import `module` (the working folder is searched too) and call `factory`."""
     module_name, sep, factory_name = target.partition(":")

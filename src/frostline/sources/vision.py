@@ -58,13 +58,8 @@ def open_timm(name: str, num_classes: int | None) -> ModelSource:
         notes = [
             f"timm {name} with RANDOM weights: {cfg.get('hf_hub_id') or name} is not in the local Hugging Face cache"
         ]
-    size = tuple(cfg.get("input_size", (3, 224, 224)))
-    preprocess = {
-        "input_size": size,
-        "mean": cfg.get("mean"),
-        "std": cfg.get("std"),
-        "interpolation": cfg.get("interpolation"),
-    }
+    preprocess = _timm_preprocess(cfg)
+    size = preprocess["input_size"]
     return ModelSource(
         ref=f"timm:{name}",
         model=model,
@@ -87,17 +82,8 @@ def open_torchvision(name: str, num_classes: int | None) -> ModelSource:
     except (ValueError, AttributeError):
         weights = None
     cached = weights is not None and (Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name).is_file()
-    size = (3, 224, 224)
-    preprocess: dict = {"input_size": size}
-    if weights is not None:
-        transforms = weights.transforms()
-        crop = getattr(transforms, "crop_size", [224])
-        size = (3, crop[0], crop[0])
-        preprocess = {
-            "input_size": size,
-            "mean": getattr(transforms, "mean", None),
-            "std": getattr(transforms, "std", None),
-        }
+    preprocess = _torchvision_preprocess(weights)
+    size = preprocess["input_size"]
     if cached:
         model = torchvision.models.get_model(name, weights=weights)
         notes = [f"torchvision {name} with pretrained weights {weights}"]
@@ -149,12 +135,70 @@ def open_efficientnet_lite0(num_classes: int | None) -> ModelSource:
     notes = ["EfficientNet-Lite0 with ImageNet weights (inputs scaled to [-1, 1])"]
     if classes != 1000:
         notes.append(f"new head _fc: Linear(1280, {classes})")
-    size = (3, 224, 224)
     return ModelSource(
         ref="efficientnet-lite0",
         model=model,
-        example_batch=_example_images(size, low=-1.0),
+        example_batch=_example_images(EFFICIENTNET_LITE0_PREPROCESS["input_size"], low=-1.0),
         pretrained=True,
         notes=notes,
-        preprocess={"input_size": size, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "range": (-1, 1)},
+        preprocess=dict(EFFICIENTNET_LITE0_PREPROCESS),
     )
+
+
+def vision_preprocess(ref: str) -> dict | None:
+    """Input conventions of an image model reference, without building the model; None for other models.
+
+    Keys: input_size (C, H, W), mean, std, crop_pct (share of the resized image kept by the centre crop),
+    fixed_input_size (the model accepts no other size).
+    """
+    scheme, _, name = ref.partition(":")
+    if ref == "efficientnet-lite0":
+        return dict(EFFICIENTNET_LITE0_PREPROCESS)
+    if scheme == "timm":
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(name)
+        return _timm_preprocess(cfg.to_dict() if cfg is not None else {})
+    if scheme == "torchvision":
+        import torchvision
+
+        try:
+            weights = torchvision.models.get_model_weights(name).DEFAULT
+        except (ValueError, AttributeError, KeyError):
+            weights = None
+        return _torchvision_preprocess(weights)
+    return None
+
+
+EFFICIENTNET_LITE0_PREPROCESS = {
+    "input_size": (3, 224, 224),
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+    "crop_pct": 0.875,
+    "range": (-1, 1),
+}
+
+
+def _timm_preprocess(cfg: dict) -> dict:
+    return {
+        "input_size": tuple(cfg.get("input_size") or (3, 224, 224)),
+        "mean": tuple(cfg.get("mean") or (0.485, 0.456, 0.406)),
+        "std": tuple(cfg.get("std") or (0.229, 0.224, 0.225)),
+        "crop_pct": float(cfg.get("crop_pct") or 0.875),
+        "interpolation": cfg.get("interpolation"),
+        "fixed_input_size": bool(cfg.get("fixed_input_size")),
+    }
+
+
+def _torchvision_preprocess(weights) -> dict:
+    if weights is None:
+        return {"input_size": (3, 224, 224), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    transforms = weights.transforms()
+    crop = getattr(transforms, "crop_size", [224])[0]
+    resize = getattr(transforms, "resize_size", [crop])[0]
+    return {
+        "input_size": (3, crop, crop),
+        "mean": tuple(getattr(transforms, "mean", (0.485, 0.456, 0.406))),
+        "std": tuple(getattr(transforms, "std", (0.229, 0.224, 0.225))),
+        "crop_pct": crop / resize,
+    }

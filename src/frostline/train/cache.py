@@ -58,10 +58,10 @@ def _stochastic(module: nn.Module) -> bool:
     return isinstance(module, (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm))
 
 
-def fingerprint(model: nn.Module, boundary: str, inputs: list[Batch], dtype: torch.dtype) -> str:
-    """A key that changes with any frozen weight or buffer, the boundary, the data, or the storage dtype."""
+def fingerprint(model: nn.Module, boundary: str, inputs: list[Batch], dtype: torch.dtype, transform: str = "") -> str:
+    """A key that changes with any frozen weight or buffer, the boundary, the data, its transform, or the dtype."""
     digest = hashlib.blake2b(digest_size=12)
-    digest.update(f"{type(model).__name__}|{boundary}|{dtype}".encode())
+    digest.update(f"{type(model).__name__}|{boundary}|{dtype}|{transform}".encode())
     for name, param in model.named_parameters():
         if not param.requires_grad:
             digest.update(name.encode())
@@ -125,8 +125,12 @@ class FeatureCache:
         runtime: Runtime,
         batch_size: int,
         progress: Callable[[int, int, float], None] | None = None,
+        transform: Callable[[Batch, torch.Generator | None], Batch] | None = None,
     ) -> tuple[Features, float, str]:
-        """Features for `inputs` under `key`: from memory, from disk, or computed now; with seconds spent and where."""
+        """Features for `inputs` under `key`: from memory, from disk, or computed now; with seconds spent and where.
+
+        `transform` (deterministic: the cache is only valid without augmentation) is applied to each chunk first.
+        """
         if key in self.memory:
             return self.memory[key], 0.0, "memory (reused)"
         path = self.folder / "cache" / f"{key}.pt" if self.folder is not None else None
@@ -137,6 +141,8 @@ class FeatureCache:
         chunks = _slices(inputs, batch_size)
         with torch.inference_mode(), runtime.autocast():
             for i, chunk in enumerate(chunks):
+                if transform is not None:
+                    chunk = transform(chunk, None)
                 chunk = (
                     {k: v.to(runtime.device) for k, v in chunk.items()}
                     if isinstance(chunk, dict)

@@ -13,7 +13,7 @@ from torch import nn
 
 from frostline.batches import Batch, batch_to, call_model, logits_of
 from frostline.errors import FrostlineError
-from frostline.train.runtime import Runtime
+from frostline.train.runtime import Runtime, eval_mode
 
 Forward = Callable[[Batch], torch.Tensor]
 StepHook = Callable[[int, int, float], None]
@@ -122,11 +122,7 @@ def evaluate(
 ) -> EvalResult:
     """Loss and accuracy of `forward` on `batches`, in eval mode (the modules' flags are restored)."""
     start = time.perf_counter()
-    modules = modules or []
-    flags = [(m, m.training) for module in modules for m in module.modules()]
-    for module in modules:
-        module.eval()
-    try:
+    with eval_mode(*(modules or [])):
         total, correct, seen, preds, probs = 0.0, 0, 0, [], []
         for inputs, labels in batches:
             inputs, labels = batch_to(inputs, runtime.device), labels.to(runtime.device)
@@ -137,9 +133,6 @@ def evaluate(
             seen += len(labels)
             preds.append(logits.argmax(dim=-1).cpu())
             probs.append(logits.softmax(dim=-1).cpu())
-    finally:
-        for m, flag in flags:
-            m.training = flag
     return EvalResult(
         total / max(seen, 1), correct / max(seen, 1), torch.cat(preds), torch.cat(probs), time.perf_counter() - start
     )

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -70,3 +72,16 @@ def seed_everything(seed: int) -> None:
 def is_main_process() -> bool:
     """True on the process that writes files: rank 0 under torchrun, or a plain single process."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Every submodule of `modules` in eval mode inside the block; each one's own flag restored after."""
+    flags = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

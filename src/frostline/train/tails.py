@@ -17,6 +17,7 @@ from torch import nn
 from frostline.batches import Batch, call_model, logits_of
 from frostline.inspect import ModelMap
 from frostline.sources.sentence import SentenceClassifier, pool
+from frostline.train.runtime import eval_mode
 
 Features = torch.Tensor | dict[str, torch.Tensor]
 
@@ -68,12 +69,15 @@ def head_tail(model: nn.Module, model_map: ModelMap) -> Tail:
     head = model.get_submodule(model_map.head) if model_map.head else model
 
     def capture(batch: Batch) -> torch.Tensor:
-        args, output = _capture_input(model, head, batch, stop=False)
+        # eval mode: a dropout inside the trainable head must not make the check below fail by chance
+        with eval_mode(model):
+            args, output = _capture_input(model, head, batch, stop=False)
+            logits = logits_of(head(args[0])) if len(args) == 1 and isinstance(args[0], torch.Tensor) else None
         if len(args) != 1 or not isinstance(args[0], torch.Tensor):
             raise ValueError("the head takes more than one tensor")
         features = args[0]
         # the head's output must be the model's output, or replaying the head alone would be wrong
-        if not torch.allclose(logits_of(head(features)).float(), logits_of(output).float(), atol=1e-5, rtol=1e-4):
+        if not torch.allclose(logits.float(), logits_of(output).float(), atol=1e-5, rtol=1e-4):
             raise ValueError(f"the model changes the output of its head {model_map.head!r}")
         return features
 

@@ -30,7 +30,7 @@ from frostline.guard import Finding, FreezeGuard, check_setup
 from frostline.inspect import ModelMap, inspect_model
 from frostline.optim import build_schedule, param_groups
 from frostline.sources import ModelSource, open_model
-from frostline.sources.models import open_tokenizer
+from frostline.sources.models import open_preprocess, open_tokenizer
 from frostline.train.cache import FeatureCache, fingerprint, plan_cache
 from frostline.train.loop import EpochResult, EvalResult, NonFiniteLoss, evaluate, model_forward, train_epoch
 from frostline.train.monitor import Diagnosis, OverfitMonitor
@@ -148,8 +148,21 @@ class Trainer:
     # ---- set-up -------------------------------------------------------------------------------
     def _prepare(self) -> None:
         if self.data is None:
-            tokenizer = self.source.tokenizer if self.source is not None else open_tokenizer(self.config.model.ref)
-            self.data = prepare_data(self.config.data, tokenizer, self.config.run.seed)
+            ref = self.config.model.ref
+            tokenizer = self.source.tokenizer if self.source is not None else open_tokenizer(ref)
+            preprocess = self.source.preprocess if self.source is not None else open_preprocess(ref)
+
+            def reading(done: int, total: int, loss: float) -> None:
+                if done == 1:
+                    self.reporter.progress_start(f"reading {self.config.data.ref}", total)
+                self.reporter.step(done, total, loss)
+
+            try:
+                self.data = prepare_data(
+                    self.config.data, tokenizer, self.config.run.seed, preprocess=preprocess, progress=reading
+                )
+            finally:
+                self.reporter.progress_start("", 0)
         if self.source is None:
             self.reporter.note(f"loading {self.config.model.ref}")
             seed_everything(self.config.run.seed)
@@ -307,17 +320,35 @@ class Trainer:
         if isinstance(tail, str):
             self.reporter.note(f"feature cache: {tail}")
             return plain
-        key = fingerprint(self.model, tail.boundary, [self.data.train_inputs, self.data.val_inputs], self.cache_dtype)
+        key = fingerprint(
+            self.model,
+            tail.boundary,
+            [self.data.train_inputs, self.data.val_inputs],
+            self.cache_dtype,
+            f"{self.data.train_transform!r}|{self.data.val_transform!r}",
+        )
         # the training batch size: the frozen part then sees the same shapes as in an uncached epoch
         size = self.config.data.batch_size
         try:
             self.reporter.progress_start(f"caching {tail.describe}", math.ceil(len(self.data.train_labels) / size))
             train, train_seconds, where = self.cache.get(
-                tail, f"{key}-train", self.data.train_inputs, self.runtime, size, self.reporter.step
+                tail,
+                f"{key}-train",
+                self.data.train_inputs,
+                self.runtime,
+                size,
+                self.reporter.step,
+                self.data.train_transform,
             )
             self.reporter.progress_start("caching validation", math.ceil(len(self.data.val_labels) / size))
             val, val_seconds, _ = self.cache.get(
-                tail, f"{key}-val", self.data.val_inputs, self.runtime, size, self.reporter.step
+                tail,
+                f"{key}-val",
+                self.data.val_inputs,
+                self.runtime,
+                size,
+                self.reporter.step,
+                self.data.val_transform,
             )
         except ValueError as err:
             self.reporter.note(f"feature cache: off: {err}")
