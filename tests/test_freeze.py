@@ -28,6 +28,7 @@ def _snapshot(model):
         ("freeze=stem", FreezeSpec("freeze", globs=("stem",))),
         ("last:1;bn=train", FreezeSpec("last", n=1, bn="train")),
         ("last:1 bn=train", FreezeSpec("last", n=1, bn="train")),
+        ("last:2;bn=fixed", FreezeSpec("last", n=2, bn="fixed")),
     ],
 )
 def test_spec_strings_parse(text, expected):
@@ -177,6 +178,21 @@ def test_bn_train_lets_frozen_batchnorm_update(tiny_cnn):
     assert plan.held_in_eval == ("stem", "blocks.0", "blocks.1")
     assert model.blocks[0][1].training
     assert not torch.equal(model.blocks[0][1].running_mean, before)
+
+
+def test_bn_fixed_keeps_trainable_batchnorm_on_its_running_statistics_while_its_affine_trains(tiny_cnn):
+    model, x = tiny_cnn
+    plan = freeze(model, "last:1;bn=fixed", example_batch=x)
+    norm = model.blocks[2][1]
+    before = norm.running_mean.clone()
+
+    model.train()
+    model(x).sum().backward()
+
+    assert plan.held_in_eval == ("stem", "blocks.0", "blocks.1", "blocks.2.1")
+    assert not norm.training and norm.weight.requires_grad and norm.weight.grad is not None
+    assert torch.equal(norm.running_mean, before)
+    assert model.blocks[2][0].training  # the block's other modules still train
 
 
 def test_refreezing_with_more_blocks_releases_batchnorm(tiny_cnn):

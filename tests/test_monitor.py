@@ -85,3 +85,20 @@ def test_validation_loss_rising_for_patience_epochs_is_overfitting_even_if_accur
     assert diagnosis.began_epoch == 4
     assert "validation loss rose from its low of 0.5500 at epoch 3" in diagnosis.message
     assert OverfitMonitor(patience=3).diagnose(history[:5]).verdict == "improving"
+
+
+def test_a_later_stage_still_fitting_worse_than_the_best_epoch_is_no_gain_not_overfitting():
+    # measured on EfficientNet-Lite0 / MNIST-5k: unfreezing two blocks with BatchNorm in train mode set the
+    # model back (training loss 0.016 -> 1.49); both losses then fell, but not below the head stage's best
+    history = _history(
+        train=[0.56, 0.24, 0.05, 0.016, 1.49, 0.45],
+        val_loss=[0.27, 0.40, 0.21, 0.19, 0.49, 0.36],
+        val_acc=[0.923, 0.908, 0.950, 0.952, 0.909, 0.917],
+        stages=["head"] * 4 + ["last2"] * 2,
+    )
+
+    diagnosis = OverfitMonitor(patience=2).diagnose(history, since=4)
+
+    assert diagnosis.verdict == "plateau" and diagnosis.should_stop
+    assert diagnosis.best_epoch == 4
+    assert "not memorising" in diagnosis.message and "bn=fixed" in diagnosis.message

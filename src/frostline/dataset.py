@@ -86,7 +86,7 @@ def prepare_data(
     if config.ref.startswith("py:"):
         return _from_factory(config.ref)
     if is_image_ref(config.ref):
-        size, crop_pct, transform = _image_settings(config, tokenizer, preprocess)
+        size, crop_pct, transform = image_settings(config, tokenizer, preprocess)
 
         def read(ref: str):
             return open_image_data(ref, size, crop_pct, progress)
@@ -125,7 +125,7 @@ def prepare_data(
     )
 
 
-def _image_settings(config: DataConfig, tokenizer: Any, preprocess: dict | None) -> tuple[int, float, ImageTransform]:
+def image_settings(config: DataConfig, tokenizer: Any, preprocess: dict | None) -> tuple[int, float, ImageTransform]:
     """Image size, centre-crop share and normalisation for image data, from the model's conventions."""
     if tokenizer is not None:
         raise ConfigError(

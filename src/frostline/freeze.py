@@ -13,6 +13,8 @@ Spec strings (clauses separated by ";" or spaces):
     train=GLOB,...   only the parameters (or entries) matching a glob
     freeze=GLOB,...  everything but the parameters (or entries) matching a glob
     bn=eval|train    frozen BatchNorm keeps its running statistics (eval, the default) or updates them
+    bn=fixed         every BatchNorm, trainable ones too, normalises with its running statistics (its
+                     scale and shift still train): batch statistics of small fine-tuning batches are noisy
 """
 
 from __future__ import annotations
@@ -29,9 +31,20 @@ from frostline.errors import FreezeSpecError
 from frostline.inspect import ModelMap, inspect_model
 
 Mode = Literal["head", "last", "from", "none", "bitfit", "train", "freeze"]
-BnPolicy = Literal["eval", "train"]
+BnPolicy = Literal["eval", "train", "fixed"]
 _PLAIN_MODES = ("head", "none", "bitfit")
-_FORMS = ["head", "last:N", "from:PATH", "none", "bitfit", "train=GLOB,...", "freeze=GLOB,...", "bn=eval", "bn=train"]
+_FORMS = [
+    "head",
+    "last:N",
+    "from:PATH",
+    "none",
+    "bitfit",
+    "train=GLOB,...",
+    "freeze=GLOB,...",
+    "bn=eval",
+    "bn=train",
+    "bn=fixed",
+]
 
 
 @dataclass(frozen=True)
@@ -47,7 +60,8 @@ class FreezeSpec:
     globs: tuple[str, ...] = ()
     """For `train` / `freeze`: parameter-name or entry-path patterns (fnmatch)."""
     bn: BnPolicy = "eval"
-    """Frozen BatchNorm: `eval` keeps running statistics fixed, even after model.train(); `train` lets them update."""
+    """Frozen BatchNorm: `eval` keeps running statistics fixed, even after model.train(); `train` lets them update;
+    `fixed`: every BatchNorm, trainable or not, keeps its running statistics (its affine parameters still train)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -59,8 +73,8 @@ class FreezeSpec:
             problems.append("from:PATH needs the path of a block, for example from:encoder.layer.4")
         if self.mode in ("train", "freeze") and not self.globs:
             problems.append(f"{self.mode}=GLOB,... needs at least one pattern, for example {self.mode}=classifier.*")
-        if self.bn not in ("eval", "train"):
-            problems.append(f"bn={self.bn} is not a BatchNorm policy; use bn=eval or bn=train")
+        if self.bn not in ("eval", "train", "fixed"):
+            problems.append(f"bn={self.bn} is not a BatchNorm policy; use bn=eval, bn=train or bn=fixed")
         if problems:
             raise FreezeSpecError("\n".join(problems))
 
@@ -309,7 +323,7 @@ def _release_from_eval(module: nn.Module) -> None:
 def _held_modules(model: nn.Module, model_map: ModelMap, trainable: set[str], bn: BnPolicy) -> tuple[str, ...]:
     """Modules to keep in eval mode: fully frozen entries; parameter-free modules (dropout) that run
     before the first trainable entry, so the frozen part is a deterministic feature extractor; and
-    (bn=eval) frozen BatchNorm anywhere else."""
+    (bn=eval) frozen BatchNorm anywhere else; (bn=fixed) every BatchNorm."""
     modules = dict(model.named_modules())
     held = [
         e.path
@@ -323,9 +337,14 @@ def _held_modules(model: nn.Module, model_map: ModelMap, trainable: set[str], bn
             inside = any(path == h or path.startswith(h + ".") for h in held)
             if path and not inside and next(modules[path].parameters(), None) is None:
                 held.append(path)
-    if bn == "eval":
+    if bn in ("eval", "fixed"):
         inside_held = tuple(h + "." for h in held)
-        held += [p for p in frozen_batchnorms(model, trainable) if p not in held and not p.startswith(inside_held)]
+        norms = (
+            frozen_batchnorms(model, trainable)
+            if bn == "eval"
+            else tuple(p for p, m in modules.items() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+        )
+        held += [p for p in norms if p not in held and not p.startswith(inside_held)]
     return tuple(held)
 
 

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from rich.table import Table
 
 from frostline.batches import TensorBatches
 from frostline.cli.console import make_console
 from frostline.dataset import prepare_data
-from frostline.errors import ConfigError
 from frostline.runs import load_run
-from frostline.sources.data import open_text_data
 from frostline.train.loop import evaluate, model_forward
 from frostline.train.runtime import select_runtime
 
@@ -22,7 +19,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "eval", help="evaluate a run's best weights", description="Evaluate the best weights of a run."
     )
     parser.add_argument("run_dir", metavar="RUN", help="a run folder written by frostline fit")
-    parser.add_argument("--data", help="a .csv / .jsonl file to evaluate on (default: the run's own validation split)")
+    parser.add_argument(
+        "--data",
+        help="a .csv / .jsonl file, an image folder or a built-in set to evaluate on (default: the run's own validation split)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.set_defaults(run=run)
 
@@ -32,21 +32,18 @@ def run(args: argparse.Namespace) -> int:
     trained = load_run(args.run_dir)
     runtime = select_runtime(trained.config.run.device, trained.config.run.precision)
     if args.data:
-        data = open_text_data(args.data, trained.config.data.text_column, trained.config.data.label_column)
-        unknown = sorted(set(data.label_names) - set(trained.labels))
-        if unknown:
-            raise ConfigError(
-                f"{args.data} has labels the model was not trained on: {unknown}; it knows {trained.labels}"
-            )
-        index = {name: i for i, name in enumerate(trained.labels)}
-        inputs = trained.encode(data.texts)
-        labels = torch.tensor([index[data.label_names[y]] for y in data.labels])
+        inputs, labels, transform = trained.labelled(args.data)
         where = args.data
     else:
-        prepared = prepare_data(trained.config.data, trained.tokenizer, trained.config.run.seed)
-        inputs, labels, where = prepared.val_inputs, prepared.val_labels, f"{prepared.origin} validation split"
+        prepared = prepare_data(
+            trained.config.data, trained.tokenizer, trained.config.run.seed, preprocess=trained.preprocess
+        )
+        inputs, labels, transform = prepared.val_inputs, prepared.val_labels, prepared.val_transform
+        where = f"{prepared.origin} validation split"
     model = trained.model.to(runtime.device)
-    result = evaluate(model_forward(model), TensorBatches(inputs, labels, args.batch_size), runtime, [model])
+    result = evaluate(
+        model_forward(model), TensorBatches(inputs, labels, args.batch_size, transform=transform), runtime, [model]
+    )
     console.print(f"{args.run_dir} on {where}: {len(labels):,d} examples", highlight=False)
     console.print(f"accuracy [bold]{100 * result.accuracy:.2f}%[/]  loss {result.loss:.4f}", highlight=False)
     table = Table(header_style="bold", box=None, pad_edge=False)

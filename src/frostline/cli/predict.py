@@ -1,4 +1,4 @@
-"""`frostline predict RUN TEXT...`: labels with probabilities from a run's best weights."""
+"""`frostline predict RUN TEXT...` or `RUN IMAGE...`: labels with probabilities from a run's best weights."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 
 import torch
 
+from frostline.batches import logits_of
 from frostline.cli.console import make_console
 from frostline.errors import ConfigError
 from frostline.runs import load_run
@@ -14,10 +15,12 @@ from frostline.runs import load_run
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "predict", help="label texts with a run's best weights", description="Label texts with a run's best weights."
+        "predict",
+        help="label texts or image files with a run's best weights",
+        description="Label texts (text runs) or image files (image runs) with a run's best weights.",
     )
     parser.add_argument("run_dir", metavar="RUN", help="a run folder written by frostline fit")
-    parser.add_argument("texts", metavar="TEXT", nargs="+", help="texts to label")
+    parser.add_argument("texts", metavar="TEXT_OR_IMAGE", nargs="+", help="texts, or image files for an image run")
     parser.add_argument("--top", type=int, default=3, help="how many labels to show per text (default 3)")
     parser.add_argument("--json", action="store_true", help="print JSON lines")
     parser.set_defaults(run=run)
@@ -29,7 +32,11 @@ def run(args: argparse.Namespace) -> int:
     console = make_console()
     trained = load_run(args.run_dir)
     with torch.inference_mode():
-        probabilities = trained.model(**trained.encode(args.texts)).float().softmax(dim=-1)
+        if trained.reads_images:
+            logits = trained.model(trained.encode_images(args.texts))
+        else:
+            logits = trained.model(**trained.encode(args.texts))
+        probabilities = logits_of(logits).float().softmax(dim=-1)
     for text, probs in zip(args.texts, probabilities, strict=True):
         ranked = sorted(zip(trained.labels, probs.tolist(), strict=True), key=lambda pair: -pair[1])[: args.top]
         if args.json:

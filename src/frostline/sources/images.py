@@ -95,7 +95,7 @@ def open_image_folder(root: Path, size: int, crop_pct: float = 1.0, progress: Pr
     images, labels, skipped = [], [], []
     for i, (path, label) in enumerate(files):
         try:
-            images.append(_read_image(path, size, crop_pct))
+            images.append(read_image(path, size, crop_pct))
             labels.append(label)
         except Exception as err:  # PIL raises many types for broken files; each one only skips that file
             skipped.append(f"{path.relative_to(root)} ({type(err).__name__}: {err})")
@@ -123,7 +123,7 @@ def open_image_folder(root: Path, size: int, crop_pct: float = 1.0, progress: Pr
     )
 
 
-def _read_image(path: Path, size: int, crop_pct: float) -> torch.Tensor:
+def read_image(path: Path, size: int, crop_pct: float) -> torch.Tensor:
     """Decode as RGB, resize the shorter side to size / crop_pct, centre-crop size x size; uint8 (3, size, size)."""
     from PIL import Image
 

@@ -113,6 +113,17 @@ class OverfitMonitor:
         # the training loss is compared with where it stood at the best epoch, or at the stage's start
         reference = best if best >= since else since
         val_stalled = last["val_loss"] > history[low]["val_loss"] or last["val_loss"] >= history[best]["val_loss"]
+        if fell_since(reference) and val_stalled and best < since <= len(history) - 1:
+            if last["train_loss"] >= history[best]["train_loss"]:
+                # a later stage still fits the training data worse than the best epoch did: not memorising
+                message = (
+                    f"no gain: this stage has not beaten epoch {best + 1} (validation {name} "
+                    f"{history[best][self.metric]:.4f}) in {len(history) - since} epochs, and its training loss "
+                    f"{last['train_loss']:.4f} is still above the {history[best]['train_loss']:.4f} of that epoch, so the "
+                    "model is not memorising: unfreezing set it back further than this stage recovered. Try a lower "
+                    "learning rate for the stage, fewer unfrozen blocks, or bn=fixed for models with BatchNorm."
+                )
+                return Diagnosis("plateau", best + 1, waited, gap=gap, message=message)
         if fell_since(reference) and val_stalled:
             began = max(best, since - 1) + 2
             if last["val_loss"] >= history[best]["val_loss"]:
