@@ -69,3 +69,12 @@ def test_predict_on_a_broken_image_exits_1_with_the_file_named(fitted_run, tmp_p
     broken.write_bytes(b"no image here")
     assert main(["predict", str(fitted_run), str(broken)]) == 1
     assert f"cannot read image {broken}" in capsys.readouterr().err
+
+
+def test_lr_find_sweeps_on_an_image_folder(pets, tmp_path, capsys):
+    png = tmp_path / "lr.png"
+    args = ["lr-find", "efficientnet-lite0", "--data", str(pets), "--image-size", "32", "--batch-size", "4"]
+    assert main([*args, "--steps", "12", "--output", str(png), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert len(result["lrs"]) == len(result["losses"]) > 0

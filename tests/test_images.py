@@ -177,3 +177,19 @@ def test_the_fingerprint_changes_with_the_image_transform():
         for m in [(0.5, 0.5, 0.5), (0.4, 0.5, 0.5)]
     }
     assert len(keys) == 2
+
+
+def test_preprocessing_comes_from_the_source():
+    timm_vit = vision_preprocess("timm:vit_tiny_patch16_224")
+    assert timm_vit["mean"] == (0.5, 0.5, 0.5) and timm_vit["crop_pct"] == 0.9 and timm_vit["fixed_input_size"]
+    resnet = vision_preprocess("torchvision:resnet18")
+    assert resnet["input_size"] == (3, 224, 224) and resnet["crop_pct"] == 224 / 256
+    assert resnet["mean"] == pytest.approx((0.485, 0.456, 0.406))
+    assert LITE0["mean"] == (0.5, 0.5, 0.5) and LITE0["input_size"] == (3, 224, 224)
+    assert vision_preprocess("hf:minilm") is None
+
+
+def test_a_fixed_size_model_names_the_size_it_takes(tmp_path):
+    root = _write_images(tmp_path / "pets")
+    with pytest.raises(ConfigError, match="takes 224 x 224 pixel images only; set data.image_size to 224"):
+        prepare_data(_image_config(root), None, seed=0, preprocess=vision_preprocess("timm:vit_tiny_patch16_224"))
