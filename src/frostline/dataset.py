@@ -34,12 +34,15 @@ class PreparedData:
     label_names: list[str]
     origin: str
     notes: list[str] = field(default_factory=list)
-    augment: bool = False
-    """Whether training inputs are randomly augmented (the feature cache is off then)."""
     train_transform: Transform | None = None
     """Applied to each training batch (with the batch generator): images to normalised floats, augmentation."""
     val_transform: Transform | None = None
     """Applied to each validation batch and to the inputs of the feature cache; never random."""
+
+    @property
+    def augment(self) -> bool:
+        """Whether training inputs are randomly augmented (the feature cache is off then)."""
+        return bool(getattr(self.train_transform, "random", False))
 
     def train_batches(self, batch_size: int, seed: int) -> TensorBatches:
         return TensorBatches(
@@ -86,34 +89,12 @@ def prepare_data(
     if config.ref.startswith("py:"):
         return _from_factory(config.ref)
     if is_image_ref(config.ref):
-        size, crop_pct, transform = image_settings(config, tokenizer, preprocess)
-
-        def read(ref: str):
-            return open_image_data(ref, size, crop_pct, progress)
-    else:
-        if tokenizer is None:
-            raise ConfigError(
-                f"data {config.ref!r} is text, and the model has no tokenizer; use a text model such as hf:minilm"
-            )
-
-        def read(ref: str):
-            return open_text_data(ref, config.text_column, config.label_column)
-
-    train, val = _split(read, config, seed)
-    if is_image_ref(config.ref):
-        augment = Augment.parse(config.augment, config.crop_scale)
-        return PreparedData(
-            train_inputs=train.images,
-            train_labels=torch.tensor(train.labels),
-            val_inputs=val.images,
-            val_labels=torch.tensor(val.labels),
-            label_names=train.label_names,
-            origin=train.origin,
-            notes=_notes(train, val, config) + ([f"training augmentation: {augment}"] if augment else []),
-            augment=augment is not None,
-            train_transform=dataclasses.replace(transform, augment=augment),
-            val_transform=transform,
+        return _prepare_images(config, tokenizer, preprocess, seed, progress)
+    if tokenizer is None:
+        raise ConfigError(
+            f"data {config.ref!r} is text, and the model has no tokenizer; use a text model such as hf:minilm"
         )
+    train, val = _split(lambda ref: open_text_data(ref, config.text_column, config.label_column), config, seed)
     return PreparedData(
         train_inputs=encode_texts(tokenizer, train.texts, config.max_length),
         train_labels=torch.tensor(train.labels),
@@ -122,6 +103,25 @@ def prepare_data(
         label_names=train.label_names,
         origin=train.origin,
         notes=_notes(train, val, config),
+    )
+
+
+def _prepare_images(
+    config: DataConfig, tokenizer: Any, preprocess: dict | None, seed: int, progress: Progress | None
+) -> PreparedData:
+    size, crop_pct, transform = image_settings(config, tokenizer, preprocess)
+    train, val = _split(lambda ref: open_image_data(ref, size, crop_pct, progress), config, seed)
+    augment = Augment.parse(config.augment, config.crop_scale)
+    return PreparedData(
+        train_inputs=train.images,
+        train_labels=torch.tensor(train.labels),
+        val_inputs=val.images,
+        val_labels=torch.tensor(val.labels),
+        label_names=train.label_names,
+        origin=train.origin,
+        notes=_notes(train, val, config) + ([f"training augmentation: {augment}"] if augment else []),
+        train_transform=dataclasses.replace(transform, augment=augment),
+        val_transform=transform,
     )
 
 
@@ -152,17 +152,7 @@ def _split(read: Any, config: DataConfig, seed: int) -> tuple[Any, Any]:
     """Training and validation examples: `val_ref` when given, else a stratified split; `limit` applied."""
     data = read(config.ref)
     if config.val_ref:
-        val = read(config.val_ref)
-        unknown = sorted(set(val.label_names) - set(data.label_names))
-        if unknown:
-            raise ConfigError(
-                f"validation data {config.val_ref} has classes the training data lacks: {unknown}; "
-                f"training has {data.label_names}"
-            )
-        index = {name: i for i, name in enumerate(data.label_names)}
-        val = dataclasses.replace(
-            val, labels=[index[val.label_names[y]] for y in val.labels], label_names=data.label_names
-        )
+        val = relabel(read(config.val_ref), data.label_names, f"validation data {config.val_ref}", "the training data")
         train = data.subset(_limit(data.labels, config.limit, seed))
     else:
         data = data.subset(_limit(data.labels, config.limit, seed))
@@ -175,6 +165,19 @@ def _split(read: Any, config: DataConfig, seed: int) -> tuple[Any, Any]:
             f"the validation split is empty; raise data.val_fraction (now {config.val_fraction}) or add data"
         )
     return train, val
+
+
+def relabel(data: Any, label_names: list[str], what: str, known: str) -> Any:
+    """`data` (TextData or ImageData) with its labels renumbered into `label_names`' order.
+
+    Raises:
+        ConfigError: `data` has classes that `label_names` lacks.
+    """
+    unknown = sorted(set(data.label_names) - set(label_names))
+    if unknown:
+        raise ConfigError(f"{what} has classes {known} lacks: {unknown}; it has {label_names}")
+    index = {name: i for i, name in enumerate(label_names)}
+    return dataclasses.replace(data, labels=[index[data.label_names[y]] for y in data.labels], label_names=label_names)
 
 
 def _notes(train: Any, val: Any, config: DataConfig) -> list[str]:

@@ -12,7 +12,7 @@ from torch import nn
 
 from frostline.checkpoint import load_weights
 from frostline.config import FitConfig, config_from_dict
-from frostline.dataset import image_settings
+from frostline.dataset import image_settings, relabel
 from frostline.errors import ConfigError
 from frostline.sources import open_model
 from frostline.sources.data import open_text_data
@@ -62,7 +62,7 @@ class TrainedRun:
         """All examples of a data reference as (inputs, labels in the run's label order, per-batch transform).
 
         Raises:
-            ConfigError: the data has labels the model was not trained on, or cannot be read.
+            ConfigError: the data has classes the trained model lacks, or cannot be read.
         """
         data_config = self.config.data
         if is_image_ref(ref):
@@ -71,11 +71,8 @@ class TrainedRun:
         else:
             transform = None
             data = open_text_data(ref, data_config.text_column, data_config.label_column)
-        unknown = sorted(set(data.label_names) - set(self.labels))
-        if unknown:
-            raise ConfigError(f"{ref} has labels the model was not trained on: {unknown}; it knows {self.labels}")
-        index = {name: i for i, name in enumerate(self.labels)}
-        labels = torch.tensor([index[data.label_names[y]] for y in data.labels])
+        data = relabel(data, self.labels, ref, "the trained model")
+        labels = torch.tensor(data.labels)
         inputs = data.images if transform is not None else self.encode(data.texts)
         return inputs, labels, transform
 
