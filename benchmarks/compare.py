@@ -47,7 +47,6 @@ from frostline.sources.models import open_preprocess, open_tokenizer  # noqa: E4
 from frostline.train.runtime import Runtime, seed_everything, select_runtime  # noqa: E402
 from frostline.train.trainer import SilentReporter, Trainer  # noqa: E402
 
-SEED = 0
 RUN_NAMES = {
     "default": "frostline default",
     "plain": "plain loop",
@@ -131,7 +130,7 @@ def data_config(task: Task, args: argparse.Namespace) -> DataConfig:
 def task_data(task: Task, args: argparse.Namespace) -> PreparedData:
     """The task's data as frostline prepares it: tokenized texts, or uint8 images with per-batch transforms."""
     tokenizer, preprocess = open_tokenizer(task.model_ref), open_preprocess(task.model_ref)
-    return prepare_data(data_config(task, args), tokenizer, SEED, preprocess=preprocess)
+    return prepare_data(data_config(task, args), tokenizer, args.seed, preprocess=preprocess)
 
 
 def save_data(data: PreparedData, path: Path) -> None:
@@ -144,7 +143,9 @@ def load_data(path: Path) -> PreparedData:
 
 def describe_task(task: Task, data: PreparedData, args: argparse.Namespace) -> str:
     shape = f"{args.max_length} tokens" if task.name == "text" else f"{args.image_size}px"
-    return f"{task.name}: {task.model_ref} on {data.describe()}, {shape}, torch threads {args.threads}"
+    return (
+        f"{task.name}: {task.model_ref} on {data.describe()}, {shape}, torch threads {args.threads}, seed {args.seed}"
+    )
 
 
 # ---- timing -----------------------------------------------------------------------------------------------------
@@ -197,13 +198,13 @@ def run_frostline(
 ) -> dict[str, Any]:
     started = time.perf_counter()
     # seeded before the model is built, so every run starts from the same head
-    seed_everything(SEED)
+    seed_everything(args.seed)
     source = open_model(task.model_ref, num_classes=len(data.label_names))
     config = FitConfig(
         model=ModelConfig(ref=task.model_ref),
         data=data_config(task, args),
         stages=stages,
-        run=RunConfig(seed=SEED, cache=cache, threads=args.threads),
+        run=RunConfig(seed=args.seed, cache=cache, threads=args.threads),
     )
     clock = EpochClock(RUN_NAMES[args.one[1]])
     result = Trainer(config, reporter=ClockReporter(clock), source=source, data=data).fit(write=False)
@@ -324,7 +325,7 @@ def run_plain(task: Task, data: PreparedData, args: argparse.Namespace) -> dict[
     # frostline's precision choice, so both loops do the same arithmetic
     runtime = select_runtime()
     started = time.perf_counter()
-    seed_everything(SEED)
+    seed_everything(args.seed)
     model = open_model(task.model_ref, num_classes=len(data.label_names)).model
     clock = EpochClock(RUN_NAMES["plain"])
     for index, (stage, epochs) in enumerate(zip(stages, epochs_run, strict=True)):
@@ -336,7 +337,7 @@ def run_plain(task: Task, data: PreparedData, args: argparse.Namespace) -> dict[
         # the schedule spans the stage's planned epochs, as frostline's does when it stops a stage early
         total = math.ceil(len(data.train_labels) / config.batch_size) * stage.epochs
         schedule = warmup_cosine(optimizer, total, int(stage.warmup * total))
-        generator = torch.Generator().manual_seed(SEED + index)
+        generator = torch.Generator().manual_seed(args.seed + index)
         for _ in range(epochs):
             clock.start()
             set_modes(model, task.layout, trained)
@@ -397,7 +398,7 @@ def run_hf(task: Task, data: PreparedData, args: argparse.Namespace) -> dict[str
         return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
 
     started = time.perf_counter()
-    seed_everything(SEED)
+    seed_everything(args.seed)
     folder = resolve_folder(task.model_ref.removeprefix("hf:"))
     model = BertForSequenceClassification.from_pretrained(folder, num_labels=len(data.label_names))
     with tempfile.TemporaryDirectory() as output:
@@ -408,7 +409,7 @@ def run_hf(task: Task, data: PreparedData, args: argparse.Namespace) -> dict[str
             save_strategy="no",
             report_to="none",
             use_cpu=True,
-            seed=SEED,
+            seed=args.seed,
             disable_tqdm=True,
         )
         trainer = HFTrainer(
@@ -484,12 +485,12 @@ def run_lightning(task: Task, data: PreparedData, args: argparse.Namespace) -> d
 
     config = data_config(task, args)
     started = time.perf_counter()
-    seed_everything(SEED)
+    seed_everything(args.seed)
     backbone = open_model(task.model_ref, num_classes=len(data.label_names)).model
     head = backbone.get_submodule(task.layout.head)
     setattr(backbone, task.layout.head, nn.Identity())
     module = lightning_classifier(lightning)(backbone, head, LIGHTNING_HEAD_LR)
-    generator = torch.Generator().manual_seed(SEED)
+    generator = torch.Generator().manual_seed(args.seed)
     train = torch.utils.data.DataLoader(
         Examples(data.train_inputs, data.train_labels),
         batch_size=config.batch_size,
@@ -547,8 +548,19 @@ def spawn(
     task: Task, run: str, data_file: Path, folder: Path, args: argparse.Namespace, copied_epochs: list[int] | None
 ) -> dict:
     """Run one (task, run) in a fresh process; its peak RSS comes from wait4, so a crash still reports it."""
-    result_file, log_file = folder / f"{task.name}-{run}.json", folder / f"{task.name}-{run}.log"
-    command = [sys.executable, __file__, "--one", task.name, run, "--threads", str(args.threads)]
+    stem = f"{task.name}-{args.seed}-{run}"
+    result_file, log_file = folder / f"{stem}.json", folder / f"{stem}.log"
+    command = [
+        sys.executable,
+        __file__,
+        "--one",
+        task.name,
+        run,
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+    ]
     command += ["--data", str(data_file), "--result", str(result_file), "--max-length", str(args.max_length)]
     command += ["--limit", str(args.limit)] if args.limit else []
     command += ["--stage-epochs", ",".join(map(str, copied_epochs))] if copied_epochs else []
@@ -732,6 +744,52 @@ def target_checks(task: Task, results: dict[str, dict]) -> list[str]:
     return lines
 
 
+def spread(values: list[float], form: str) -> str:
+    """Median and min-max of `values`, each written with `form`."""
+    median = format(statistics.median(values), form)
+    return median if len(values) == 1 else f"{median} ({format(min(values), form)}-{format(max(values), form)})"
+
+
+def across_seeds(task: Task, by_seed: dict[int, dict[str, dict]]) -> list[str]:
+    """Accuracy and wall time of each run as median (min-max) over the seeds' splits, and target (b) per seed.
+
+    A validation set of a few hundred examples moves in steps of one example (0.23 points for 426 articles);
+    one split cannot tell a 0.5-point gap from chance, a few splits show how far it moves.
+    """
+    seeds = sorted(by_seed)
+    runs = [run for run in RUN_NAMES if all(ok(by_seed[seed].get(run)) for seed in seeds)]
+    lines = [
+        f"### {task.name}: over {len(seeds)} splits (seeds {', '.join(map(str, seeds))}), median (min-max)",
+        "",
+        "| run | wall time (s) | validation accuracy (%) | best epoch's accuracy (%) |",
+        "|---|---:|---:|---:|",
+    ]
+    for run in runs:
+        results = [by_seed[seed][run] for seed in seeds]
+        lines.append(
+            f"| {RUN_NAMES[run]} | {spread([r['wall_seconds'] for r in results], ',.1f')} "
+            f"| {spread([100 * r['val_accuracy'] for r in results], '.2f')} "
+            f"| {spread([100 * best_accuracy(r) for r in results], '.2f')} |"
+        )
+    peers = [run for run in ("hf", "lightning") if run in runs]
+    if "default" in runs and peers:
+        # the best peer is the one with the best median accuracy over the splits
+        peer = max(peers, key=lambda run: statistics.median(best_accuracy(by_seed[s][run]) for s in seeds))
+        gaps = [100 * (by_seed[s]["default"]["val_accuracy"] - best_accuracy(by_seed[s][peer])) for s in seeds]
+        speeds = [by_seed[s][peer]["wall_seconds"] / by_seed[s]["default"]["wall_seconds"] for s in seeds]
+        met = sum(gap >= -0.5 and speed >= 2 for gap, speed in zip(gaps, speeds, strict=True))
+        verdict = "met" if statistics.median(gaps) >= -0.5 and statistics.median(speeds) >= 2 else "NOT met"
+        lines += [
+            "",
+            f"- (b) {task.name} over the splits: frostline default minus {RUN_NAMES[peer]}'s best epoch, per seed "
+            f"{', '.join(f'{g:+.2f}' for g in gaps)} points (median {statistics.median(gaps):+.2f}); the peer takes "
+            f"{', '.join(f'{v:.2f}x' for v in speeds)} as long (median {statistics.median(speeds):.2f}x); "
+            f"target (within 0.5 points, at most half the time) met on {met} of {len(seeds)} splits, "
+            f"on the medians: {verdict}",
+        ]
+    return [*lines, ""]
+
+
 def machine(args: argparse.Namespace) -> str:
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
@@ -750,10 +808,11 @@ def machine(args: argparse.Namespace) -> str:
 
 
 def run_task(task: Task, runs: list[str], args: argparse.Namespace, folder: Path) -> tuple[list[str], dict]:
-    print(f"[{task.name}] preparing data", flush=True)
+    """Every run of the task on the split of `args.seed` (a fresh split per seed)."""
+    print(f"[{task.name}] seed {args.seed}: preparing data", flush=True)
     start = time.perf_counter()
     data = task_data(task, args)
-    data_file = folder / f"{task.name}.pt"
+    data_file = folder / f"{task.name}-{args.seed}.pt"
     save_data(data, data_file)
     title = describe_task(task, data, args)
     print(f"[{task.name}] {title} ({time.perf_counter() - start:.1f}s)", flush=True)
@@ -785,6 +844,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=DataConfig.max_length, help="tokens per text")
     parser.add_argument("--image-size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument(
+        "--seeds",
+        type=lambda s: [int(n) for n in s.split(",")],
+        default=[0],
+        help="comma list of seeds: each is its own train/validation split and run seed; with more than one, a "
+        "summary over the splits follows the tables (default 0)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help="also write the tables and a JSON of every figure here")
     parser.add_argument("--one", nargs=2, metavar=("TASK", "RUN"), help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -807,8 +874,15 @@ def main() -> int:
     raw: dict[str, Any] = {"command": sys.argv, "threads": args.threads, "tasks": {}}
     with tempfile.TemporaryDirectory(prefix="frostline-compare-") as folder:
         for name in tasks:
-            lines, raw["tasks"][name] = run_task(TASKS[name], args.run_list, args, Path(folder))
-            report += lines
+            by_seed = {}
+            for seed in args.seeds:
+                seeded = argparse.Namespace(**{**vars(args), "seed": seed})
+                lines, figures = run_task(TASKS[name], args.run_list, seeded, Path(folder))
+                raw["tasks"].setdefault(name, {})[seed] = figures
+                by_seed[seed] = figures["runs"]
+                report += lines
+            if len(args.seeds) > 1:
+                report += across_seeds(TASKS[name], by_seed)
     report.append(machine(args))
     text = "\n".join(report)
     print("\n" + text, flush=True)

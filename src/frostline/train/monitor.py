@@ -58,6 +58,8 @@ class OverfitMonitor:
     """Relative fall of the training loss that counts as 'still falling'."""
     val_rise: float = 0.05
     """Relative rise of the validation loss above its low that counts as 'rising'."""
+    val_fall: float = 0.01
+    """Relative fall of the validation loss below the stage's earlier low that counts as 'still improving'."""
     metric: str = "val_accuracy"
 
     def best_index(self, history: list[dict[str, Any]]) -> int:
@@ -71,12 +73,20 @@ class OverfitMonitor:
                 best = i
         return best
 
+    def val_loss_still_falling(self, history: list[dict[str, Any]], since: int = 0) -> bool:
+        """Whether the last `patience` epochs set a validation-loss low of the stage, `val_fall` below its earlier low."""
+        window = len(history) - self.patience
+        earlier = [r["val_loss"] for r in history[since:window]]
+        recent = [r["val_loss"] for r in history[max(since, window) :]]
+        return bool(earlier) and min(recent) < min(earlier) * (1 - self.val_fall)
+
     def diagnose(self, history: list[dict[str, Any]], since: int = 0) -> Diagnosis:
         """The verdict on `history` (one record per epoch); `since` is where the current stage began.
 
         Overfitting is named when the training loss keeps falling while either the validation loss
         has stayed above its low for `patience` epochs, or the validation metric has not improved
-        for `patience` epochs and the validation loss no longer falls. The best record is searched
+        for `patience` epochs and the validation loss no longer falls. A plateau is neither getting better:
+        while the validation loss still sets lows of the stage, the stage goes on. The best record is searched
         over the whole history, so a stage that never beats an earlier stage's best is stopped after
         `patience` epochs of its own.
         """
@@ -140,6 +150,9 @@ class OverfitMonitor:
             return Diagnosis(
                 "overfitting", best + 1, waited, began_epoch=began, gap=gap, message=message, advice=list(ADVICE)
             )
+        if self.val_loss_still_falling(history, since):
+            # accuracy on a small validation set moves in steps of one example; a falling loss is the finer signal
+            return Diagnosis("improving", best + 1, waited, gap=gap)
         trend = "also falling" if last["val_loss"] < history[best]["val_loss"] else "no longer falling"
         message = (
             f"plateau: validation {name} has not improved for {waited} epochs (best {history[best][self.metric]:.4f} at "
