@@ -119,3 +119,18 @@ def test_validation_loss_still_falling_is_not_a_plateau_though_accuracy_wobbles(
     diagnosis = monitor.diagnose(history[:5])  # no new low for two epochs while training loss fell: it stops
     assert diagnosis.should_stop
     assert diagnosis.best_epoch == 1
+
+
+def test_advice_does_not_suggest_augmentation_when_the_data_is_already_augmented():
+    history = _history(
+        train=[1.20, 0.70, 0.45, 0.30, 0.18],
+        val_loss=[1.10, 0.80, 0.62, 0.66, 0.74],
+        val_acc=[0.60, 0.75, 0.82, 0.81, 0.82],
+    )
+    plain = OverfitMonitor(patience=2).diagnose(history)
+    augmented = OverfitMonitor(patience=2, augmented=True).diagnose(history)
+
+    assert plain.verdict == augmented.verdict == "overfitting"
+    assert any("augmentation for images" in a for a in plain.advice)
+    assert not any("augmentation for images" in a for a in augmented.advice)
+    assert any("already on" in a and "crop_scale" in a for a in augmented.advice)

@@ -1,4 +1,8 @@
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +11,7 @@ from safetensors.torch import load_file
 import tiny_task
 from frostline.config import DataConfig, FitConfig, ModelConfig, RunConfig, StageConfig
 from frostline.errors import FrostlineError
+from frostline.train.monitor import Diagnosis, OverfitMonitor
 from frostline.train.runtime import seed_everything
 from frostline.train.trainer import SilentReporter, Trainer
 
@@ -162,3 +167,60 @@ def test_runtime_selection_says_why():
     auto = select_runtime("cpu", "auto")
     assert auto.device.type == "cpu" and auto.precision in ("bf16", "fp32") and auto.reason
     assert select_runtime("cpu", "fp32").reason == "precision fp32 as configured"
+
+
+def test_a_busy_machine_is_named_with_the_thread_count_that_fits():
+    from frostline.train.runtime import contention_note
+
+    assert contention_note(None, threads=2, cores=2) is None  # not measurable (no /proc/stat)
+    assert contention_note(0.1, threads=2, cores=2) is None
+    assert contention_note(1.0, threads=1, cores=2) is None  # one free core, one thread
+    note = contention_note(1.0, threads=2, cores=2)
+    assert "other processes use 1.0 of its 2 cores" in note and "run.threads=1" in note
+    assert "run.threads=6" in contention_note(2.0, threads=8, cores=8)
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="reads /proc/stat")
+def test_other_processes_cpu_use_is_measured():
+    from frostline.train.runtime import other_cpu_cores
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert other_cpu_cores(0.5) >= 0.6  # a spinning process takes most of a core
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+class _HeadOverfitsAtEpoch2(OverfitMonitor):
+    def diagnose(self, history, since=0):
+        if len(history) == 2:
+            return Diagnosis("overfitting", best_epoch=1, epochs_since_best=1, began_epoch=2, message="overfitting: x")
+        return super().diagnose(history, since)
+
+
+def test_overfitting_of_the_head_alone_ends_its_stage_and_the_next_stage_adapts_the_features(tmp_path):
+    stages = [
+        StageConfig(name="head", freeze="head", epochs=3, lr=1e-2),
+        StageConfig(name="last1", freeze="last:1", epochs=2, lr=1e-3),
+    ]
+    trainer = Trainer(_config(tmp_path, stages=stages))
+    trainer.monitor = _HeadOverfitsAtEpoch2(patience=5)
+    seen = []
+    trainer.reporter.epoch_end = lambda record, diagnosis: seen.append(diagnosis)
+    result = trainer.fit()
+
+    assert [r["stage"] for r in result.history] == ["head", "head", "last1", "last1"]
+    assert result.stop_reason == "every stage done (head: overfitting after 2 of 3 epochs; last1: all 2 epochs)"
+    assert "stage 'last1' (last:1) adapts them next" in seen[1].message and seen[1].advice == []
+
+
+def test_overfitting_of_the_head_in_the_last_stage_stops_the_run(tmp_path):
+    stages = [StageConfig(name="head", freeze="head", epochs=3, lr=1e-2)]
+    trainer = Trainer(_config(tmp_path, stages=stages))
+    trainer.monitor = _HeadOverfitsAtEpoch2(patience=5)
+    result = trainer.fit()
+
+    assert len(result.history) == 2
+    assert result.stop_reason == "overfitting began at epoch 2 (stage head); stopped at epoch 2"

@@ -18,6 +18,9 @@ ADVICE = [
     "lower the learning rate",
     "add data, or augmentation for images",
 ]
+AUGMENTED_ADVICE = (
+    "add data: augmentation is already on, so a stronger one (a smaller data.crop_scale) or more examples"
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,12 @@ class OverfitMonitor:
     val_fall: float = 0.01
     """Relative fall of the validation loss below the stage's earlier low that counts as 'still improving'."""
     metric: str = "val_accuracy"
+    augmented: bool = False
+    """The training data is already augmented: the advice says so instead of suggesting augmentation."""
+
+    @property
+    def advice(self) -> list[str]:
+        return [AUGMENTED_ADVICE if a == ADVICE[-1] and self.augmented else a for a in ADVICE]
 
     def best_index(self, history: list[dict[str, Any]]) -> int:
         """Index of the best record: highest metric, then lowest validation loss."""
@@ -116,7 +125,7 @@ class OverfitMonitor:
                 f"{began}; validation loss is now {gap:+.4f} above training loss."
             )
             return Diagnosis(
-                "overfitting", best + 1, waited, began_epoch=began, gap=gap, message=message, advice=list(ADVICE)
+                "overfitting", best + 1, waited, began_epoch=began, gap=gap, message=message, advice=self.advice
             )
         if waited < self.patience or len(history) - since < self.patience:
             return Diagnosis("improving", best + 1, waited, gap=gap)
@@ -148,7 +157,7 @@ class OverfitMonitor:
                 f"{began}; validation loss is now {gap:+.4f} above training loss."
             )
             return Diagnosis(
-                "overfitting", best + 1, waited, began_epoch=began, gap=gap, message=message, advice=list(ADVICE)
+                "overfitting", best + 1, waited, began_epoch=began, gap=gap, message=message, advice=self.advice
             )
         if self.val_loss_still_falling(history, since):
             # accuracy on a small validation set moves in steps of one example; a falling loss is the finer signal

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,45 @@ def select_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
         else f"bf16 is not used on {dev.type}"
     )
     return Runtime(dev, "fp32", f"fp32: {why}")
+
+
+def _busy_jiffies() -> tuple[int, int] | None:
+    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat; None where there is none."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def other_cpu_cores(seconds: float = 0.3) -> float | None:
+    """How many cores' worth of CPU other processes are using now, sampled over `seconds`; None off Linux."""
+    before, own_before, start = _busy_jiffies(), time.process_time(), time.perf_counter()
+    if before is None:
+        return None
+    time.sleep(seconds)
+    after, own, wall = _busy_jiffies(), time.process_time() - own_before, time.perf_counter() - start
+    busy, total = after[0] - before[0], after[1] - before[1]
+    if total <= 0:
+        return None
+    cores = os.cpu_count() or 1
+    return max(busy / total * cores - own / wall, 0.0)
+
+
+def contention_note(others: float | None, threads: int, cores: int) -> str | None:
+    """A warning when other processes leave fewer free cores than torch has threads, with the fix."""
+    if others is None or others < 0.5:
+        return None
+    free = max(cores - others, 0.0)
+    if threads <= free + 0.25:
+        return None
+    fewer = max(int(free + 0.25), 1)
+    return (
+        f"warning: the machine is busy: other processes use {others:.1f} of its {cores} cores, and torch runs "
+        f"{threads} threads; threads that wait for a core slow every step (on 2 cores, 5-30x was measured). "
+        f"Set run.threads={fewer} (--set run.threads={fewer}), or wait for the other work to finish."
+    )
 
 
 def seed_everything(seed: int) -> None:

@@ -9,8 +9,10 @@ the ones kept.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -34,7 +36,14 @@ from frostline.sources.models import open_preprocess, open_tokenizer
 from frostline.train.cache import FeatureCache, fingerprint, plan_cache
 from frostline.train.loop import EpochResult, EvalResult, NonFiniteLoss, evaluate, model_forward, train_epoch
 from frostline.train.monitor import Diagnosis, OverfitMonitor
-from frostline.train.runtime import Runtime, is_main_process, seed_everything, select_runtime
+from frostline.train.runtime import (
+    Runtime,
+    contention_note,
+    is_main_process,
+    other_cpu_cores,
+    seed_everything,
+    select_runtime,
+)
 
 
 class Reporter(Protocol):
@@ -140,7 +149,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best_state: dict[str, torch.Tensor] | None = None
         self.run_dir: Path | None = None
-        self.monitor = OverfitMonitor(patience=config.run.patience, min_delta=config.run.min_delta)
+        self.monitor = OverfitMonitor(
+            patience=config.run.patience, min_delta=config.run.min_delta, augmented=config.data.augment != "none"
+        )
         self.stage_plans: dict[str, dict[str, Any]] = {}
         self.cache_dtype = torch.bfloat16 if config.run.cache_dtype == "bf16" else torch.float32
         self.cache: FeatureCache | None = None
@@ -171,6 +182,10 @@ class Trainer:
             self.reporter.note(note)
         self.reporter.note(self.data.describe())
         self.reporter.note(f"device {self.runtime.device}, {self.runtime.reason}")
+        if self.runtime.device.type == "cpu":
+            busy = contention_note(other_cpu_cores(), torch.get_num_threads(), os.cpu_count() or 1)
+            if busy:
+                self.reporter.note(busy)
         self.model: nn.Module = self.source.model.to(self.runtime.device)
         self.model_map: ModelMap = inspect_model(self.model, batch_to(self.source.example_batch, self.runtime.device))
 
@@ -294,7 +309,9 @@ class Trainer:
                     atomic_save_tensors(
                         self.run_dir / "best.safetensors", self.best_state, metadata={"epoch": str(record["epoch"])}
                     )
-            if diagnosis.verdict == "overfitting":
+            if diagnosis.verdict == "overfitting" and plan.spec.mode == "head" and index + 1 < len(self.config.stages):
+                diagnosis = self._probe_saturated(diagnosis, self.config.stages[index + 1])
+            elif diagnosis.verdict == "overfitting":
                 stop = f"overfitting began at epoch {diagnosis.began_epoch} (stage {stage.name}); stopped at epoch {record['epoch']}"
             next_position = {"stage": index, "epoch": epoch + 1, "done": stop}
             if stop is None and (diagnosis.should_stop or epoch + 1 == stage.epochs):
@@ -306,6 +323,20 @@ class Trainer:
         report = guard.verify()
         self.reporter.note(report.summary())
         return diagnosis, stop
+
+    def _probe_saturated(self, diagnosis: Diagnosis, following: StageConfig) -> Diagnosis:
+        """Overfitting of a head-only stage ends that stage, not the run, when a later stage adapts the features.
+
+        A head on frozen features that starts to memorise has learned what those features allow (a linear probe);
+        the next stage changes the features themselves, which is what fine-tuning after a probe is for. It gets
+        `patience` epochs to beat the best epoch, as any later stage does, and the best weights are kept either way.
+        """
+        note = (
+            f"the head has learned what the frozen features allow; stage {following.name!r} ({following.freeze}) "
+            f"adapts them next and has {self.monitor.patience} epochs to beat epoch {diagnosis.best_epoch}, else "
+            "the run stops there with the best weights"
+        )
+        return dataclasses.replace(diagnosis, message=f"{diagnosis.message} {note[0].upper()}{note[1:]}.", advice=[])
 
     def _stage_inputs(
         self, plan: FreezePlan, batches: TensorBatches
@@ -380,8 +411,8 @@ class Trainer:
             records = [r for r in self.history if r["stage_index"] == index]
             if not records:
                 continue
-            if records[-1].get("verdict") == "plateau" and len(records) < stage.epochs:
-                endings.append(f"{stage.name}: plateau after {len(records)} of {stage.epochs} epochs")
+            if records[-1].get("verdict") in ("plateau", "overfitting") and len(records) < stage.epochs:
+                endings.append(f"{stage.name}: {records[-1]['verdict']} after {len(records)} of {stage.epochs} epochs")
             else:
                 endings.append(f"{stage.name}: all {len(records)} epochs")
         return endings
