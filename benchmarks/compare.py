@@ -3,7 +3,9 @@
 Run by hand (not in CI): `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/compare.py` (over an hour on 2 cores;
 `--task text` or `--task vision` runs one task, `--runs plain,cache-off` a subset). A smoke run of a few minutes:
 `--task text --limit 96 --max-length 32`, then `--task vision --limit 200 --image-size 64`. The peers come with
-`pip install -e '.[bench]'`; a peer that is missing gets a row saying so.
+`pip install -e '.[bench]'`; a peer that is missing gets a row saying so. `--seeds 0,1,2` repeats every run on the
+split of each seed and adds a summary over the splits (median, min-max); `--reuse hf=earlier.md` takes a run's
+figures from an earlier `--out` file of the same data instead of running it again.
 
 Each (task, run) runs in a fresh process of this script, on data prepared once and shared, with the same model,
 sequence length or image size and thread count; so peak memory is that run's own, and a run that crashes becomes
@@ -221,7 +223,9 @@ def run_frostline(
 
 # ---- the plain loop ---------------------------------------------------------------------------------------------
 def trained_units(model: nn.Module, layout: Layout, freeze: str) -> dict[str, int]:
-    """The modules a freeze spec (head, last:N or none) trains, each with its depth below the head for layer decay."""
+    """The modules a freeze spec (head, last:N or none; `;bn=fixed` allowed) trains, each with its depth below the
+    head for layer decay."""
+    freeze = freeze.removesuffix(";bn=fixed")
     blocks = layout.units(model)[len(layout.stem) : -1 - len(layout.after)]
     if freeze == "head":
         return {layout.head: 0}
@@ -258,8 +262,9 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> 
     return SequentialLR(optimizer, [rise, cosine], milestones=[warmup])
 
 
-def set_modes(model: nn.Module, layout: Layout, trained: dict[str, int]) -> None:
-    """Train mode, with frozen modules back in eval (no dropout, fixed BatchNorm); a linear probe runs all in eval."""
+def set_modes(model: nn.Module, layout: Layout, trained: dict[str, int], bn_fixed: bool) -> None:
+    """Train mode, with frozen modules back in eval (no dropout, fixed BatchNorm); a linear probe runs all in eval;
+    with bn_fixed every BatchNorm, trainable ones too, stays on its running statistics."""
     if list(trained) == [layout.head]:
         model.eval()
         return
@@ -267,6 +272,9 @@ def set_modes(model: nn.Module, layout: Layout, trained: dict[str, int]) -> None
     for path in layout.units(model):
         if path not in trained:
             model.get_submodule(path).eval()
+    for module in model.modules():
+        if bn_fixed and isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def take(inputs: Any, index: Any) -> Any:
@@ -340,7 +348,7 @@ def run_plain(task: Task, data: PreparedData, args: argparse.Namespace) -> dict[
         generator = torch.Generator().manual_seed(args.seed + index)
         for _ in range(epochs):
             clock.start()
-            set_modes(model, task.layout, trained)
+            set_modes(model, task.layout, trained, stage.freeze.endswith(";bn=fixed"))
             plain_epoch(model, data, config.batch_size, generator, optimizer, schedule, runtime)
             clock.stop(stage.name, plain_accuracy(model, data, config.eval_batch_size, runtime))
     final = clock.epochs[-1]["val_accuracy"] if clock.epochs else math.nan
@@ -684,7 +692,12 @@ def notes(task: Task, results: dict[str, dict], threads: int) -> list[str]:
         "cache-off": "the default recipe with run.cache=off",
         "full-ft": f"{describe_stages(full_ft_stages())}; run.cache=off",
     }
-    lines = [f"- {RUN_NAMES[run]}: {said[run]}" for run in RUN_NAMES if run in results]
+    lines = [
+        f"- {RUN_NAMES[run]}: {said[run]}"
+        + (f" (figures reused from {results[run]['reused_from']})" if "reused_from" in results[run] else "")
+        for run in RUN_NAMES
+        if run in results
+    ]
     shares = {run: r.get("other_cpu_share") for run, r in results.items()}
     busy = [f"{RUN_NAMES[run]} {share:.0%}" for run, share in shares.items() if crowded(share, threads)]
     if busy:
@@ -807,6 +820,20 @@ def machine(args: argparse.Namespace) -> str:
     )
 
 
+def reused(path: Path, task: Task, seed: int, run: str, title: str) -> dict:
+    """A run's figures from an earlier --out file, for the same task, seed and data (its title must match)."""
+    text = path.read_text()
+    if "```json\n" not in text:
+        sys.exit(f"--reuse: {path} has no JSON block; it must be a file written by --out")
+    raw = json.loads(text.split("```json\n", 1)[1].rsplit("\n```", 1)[0])
+    earlier = raw["tasks"].get(task.name, {}).get(str(seed))
+    if earlier is None or run not in earlier["runs"]:
+        sys.exit(f"--reuse: {path} has no {run!r} run of task {task.name!r} at seed {seed}")
+    if earlier["title"] != title:
+        sys.exit(f"--reuse: {path} measured other data: {earlier['title']!r}, not {title!r}")
+    return {**earlier["runs"][run], "reused_from": str(path)}
+
+
 def run_task(task: Task, runs: list[str], args: argparse.Namespace, folder: Path) -> tuple[list[str], dict]:
     """Every run of the task on the split of `args.seed` (a fresh split per seed)."""
     print(f"[{task.name}] seed {args.seed}: preparing data", flush=True)
@@ -821,6 +848,10 @@ def run_task(task: Task, runs: list[str], args: argparse.Namespace, folder: Path
     for run in (r for r in RUN_ORDER if r in runs and r not in task.runs):
         print(f"[{task.name}] {RUN_NAMES[run]}: skipped, it does not apply to this task", flush=True)
     for run in (r for r in RUN_ORDER if r in runs and r in task.runs):
+        if run in args.reuse:
+            results[run] = reused(args.reuse[run], task, args.seed, run, title)
+            print(f"[{task.name}] {RUN_NAMES[run]}: reused from {args.reuse[run]}: {summary(results[run])}", flush=True)
+            continue
         off = results.get("cache-off")
         copied = [stage_epochs(off).get(s.name, 0) for s in default_stages()] if run == "plain" and ok(off) else None
         results[run] = spawn(task, run, data_file, folder, args, copied)
@@ -852,6 +883,14 @@ def parse_args() -> argparse.Namespace:
         "summary over the splits follows the tables (default 0)",
     )
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="RUN=FILE",
+        help="take RUN's figures from an earlier --out FILE (same task, seeds and data) instead of running it again, "
+        "e.g. --reuse hf=text.md when only frostline changed",
+    )
     parser.add_argument("--out", type=Path, help="also write the tables and a JSON of every figure here")
     parser.add_argument("--one", nargs=2, metavar=("TASK", "RUN"), help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -859,6 +898,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stage-epochs", type=lambda s: [int(n) for n in s.split(",")], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.run_list = args.runs.split(",") if args.runs else list(RUN_NAMES)
+    pairs = [item.partition("=") for item in args.reuse]
+    args.reuse = {run: Path(path) for run, _, path in pairs}
+    if any(not sep or run not in RUN_NAMES or not Path(path).is_file() for run, sep, path in pairs):
+        parser.error(f"--reuse takes RUN=FILE with a run of {', '.join(RUN_NAMES)} and an existing file")
     unknown = [r for r in args.run_list if r not in RUN_NAMES]
     if unknown:
         parser.error(f"--runs: unknown {', '.join(unknown)}; the runs are {', '.join(RUN_NAMES)}")

@@ -7,7 +7,7 @@ from frostline.errors import ConfigError
 def test_defaults_are_the_gradual_unfreezing_recipe():
     config = FitConfig()
     assert config.model.ref == "hf:minilm" and config.data.ref == "bbcnews"
-    assert [(s.name, s.freeze) for s in config.stages] == [("head", "head"), ("last2", "last:2")]
+    assert [(s.name, s.freeze) for s in config.stages] == [("head", "head"), ("last2", "last:2;bn=fixed")]
     assert config.stages[1].lr < config.stages[0].lr
     assert config.stages == default_stages()
 

@@ -171,12 +171,15 @@ class RunConfig:
 
 
 def default_stages() -> list[StageConfig]:
-    """Gradual unfreezing: the head alone to convergence, then the last two blocks at small, decaying rates."""
+    """Gradual unfreezing: the head alone to convergence, then the last two blocks at small, decaying rates,
+    BatchNorm on its running statistics."""
     return [
         StageConfig(name="head", freeze="head", epochs=8, lr=1e-2, schedule="cosine"),
         StageConfig(
             name="last2",
-            freeze="last:2",
+            # bn=fixed: BatchNorm stays on its running statistics (batch statistics of a few images set
+            # EfficientNet-Lite0 back from 93.9% to 78.9% on MNIST-5k); no effect on models without BatchNorm
+            freeze="last:2;bn=fixed",
             epochs=3,
             lr=5e-5,
             head_lr_mult=10.0,
