@@ -12,7 +12,7 @@ sequence length or image size and thread count; so peak memory is that run's own
 an error row. Wall time runs from loading the model to the end of the last validation; an epoch's time is its
 training plus its validation. After the tables come the two targets: frostline's loop overhead against the plain
 loop (same recipe, cache off), and frostline's default against the best peer. Run it on an idle machine: a run
-during which other processes took CPU from its threads is flagged (with psutil), as its timings mean little.
+during which other processes took CPU from its threads is flagged (from /proc/stat), as its timings mean little.
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR  
 from frostline.batches import call_model, split_batch  # noqa: E402
 from frostline.config import DataConfig, FitConfig, ModelConfig, RunConfig, StageConfig, default_stages  # noqa: E402
 from frostline.dataset import PreparedData, prepare_data  # noqa: E402
+from frostline.freeze import FreezeSpec  # noqa: E402
 from frostline.sources import open_model  # noqa: E402
 from frostline.sources.models import open_preprocess, open_tokenizer  # noqa: E402
-from frostline.train.runtime import Runtime, seed_everything, select_runtime  # noqa: E402
+from frostline.train.runtime import Runtime, busy_cpu_seconds, seed_everything, select_runtime  # noqa: E402
 from frostline.train.trainer import SilentReporter, Trainer  # noqa: E402
 
 RUN_NAMES = {
@@ -225,19 +226,16 @@ def run_frostline(
 def trained_units(model: nn.Module, layout: Layout, freeze: str) -> dict[str, int]:
     """The modules a freeze spec (head, last:N or none; `;bn=fixed` allowed) trains, each with its depth below the
     head for layer decay."""
-    freeze = freeze.removesuffix(";bn=fixed")
+    spec = FreezeSpec.parse(freeze)
     blocks = layout.units(model)[len(layout.stem) : -1 - len(layout.after)]
-    if freeze == "head":
+    if spec.mode == "head":
         return {layout.head: 0}
-    if freeze == "none":
-        n = len(blocks)
-    elif freeze.startswith("last:"):
-        n = int(freeze.removeprefix("last:"))
-    else:
+    if spec.mode not in ("none", "last"):
         raise ValueError(f"the plain loop knows the freeze specs head, last:N and none, got {freeze!r}")
+    n = len(blocks) if spec.mode == "none" else spec.n
     trained = {path: len(blocks) - i for i, path in enumerate(blocks) if i >= len(blocks) - n}
     trained.update({path: 0 for path in (*layout.after, layout.head)})
-    if freeze == "none":
+    if spec.mode == "none":
         trained.update({path: len(blocks) + 1 for path in layout.stem})
     return trained
 
@@ -348,7 +346,7 @@ def run_plain(task: Task, data: PreparedData, args: argparse.Namespace) -> dict[
         generator = torch.Generator().manual_seed(args.seed + index)
         for _ in range(epochs):
             clock.start()
-            set_modes(model, task.layout, trained, stage.freeze.endswith(";bn=fixed"))
+            set_modes(model, task.layout, trained, FreezeSpec.parse(stage.freeze).bn == "fixed")
             plain_epoch(model, data, config.batch_size, generator, optimizer, schedule, runtime)
             clock.stop(stage.name, plain_accuracy(model, data, config.eval_batch_size, runtime))
     final = clock.epochs[-1]["val_accuracy"] if clock.epochs else math.nan
@@ -592,16 +590,6 @@ def spawn(
     if crowded(others, args.threads):
         print(f"[{task.name}] warning: other processes used {others:.0%} of the CPU during this run", flush=True)
     return result
-
-
-def busy_cpu_seconds() -> float | None:
-    """CPU seconds the whole machine has spent busy since boot; None without psutil."""
-    try:
-        import psutil
-    except ImportError:
-        return None
-    times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
 def crowded(other_share: float | None, threads: int) -> bool:

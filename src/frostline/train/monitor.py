@@ -69,7 +69,7 @@ class OverfitMonitor:
 
     @property
     def advice(self) -> list[str]:
-        return [AUGMENTED_ADVICE if a == ADVICE[-1] and self.augmented else a for a in ADVICE]
+        return [*ADVICE[:-1], AUGMENTED_ADVICE if self.augmented else ADVICE[-1]]
 
     def best_index(self, history: list[dict[str, Any]]) -> int:
         """Index of the best record: highest metric, then lowest validation loss."""

@@ -63,28 +63,38 @@ def select_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     return Runtime(dev, "fp32", f"fp32: {why}")
 
 
-def _busy_jiffies() -> tuple[int, int] | None:
-    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat; None where there is none."""
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy (not idle or waiting on I/O) since boot; None off Linux."""
     try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
     except (OSError, ValueError):
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields[:8]) - idle, sum(fields[:8])
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def other_cpu_cores(seconds: float = 0.3) -> float | None:
-    """How many cores' worth of CPU other processes are using now, sampled over `seconds`; None off Linux."""
-    before, own_before, start = _busy_jiffies(), time.process_time(), time.perf_counter()
-    if before is None:
+@dataclass(frozen=True)
+class CpuSample:
+    """Where the machine's and this process's CPU counters stood at one moment."""
+
+    busy: float | None
+    own: float
+    at: float
+
+    @classmethod
+    def now(cls) -> CpuSample:
+        return cls(busy_cpu_seconds(), time.process_time(), time.perf_counter())
+
+
+def other_cpu_cores(seconds: float = 0.3, since: CpuSample | None = None) -> float | None:
+    """How many cores' worth of CPU other processes used since `since` (a fresh sample when None), over at least
+    `seconds` (it sleeps only what is left); None off Linux."""
+    since = since or CpuSample.now()
+    if since.busy is None:
         return None
-    time.sleep(seconds)
-    after, own, wall = _busy_jiffies(), time.process_time() - own_before, time.perf_counter() - start
-    busy, total = after[0] - before[0], after[1] - before[1]
-    if total <= 0:
-        return None
-    cores = os.cpu_count() or 1
-    return max(busy / total * cores - own / wall, 0.0)
+    time.sleep(max(seconds - (time.perf_counter() - since.at), 0.0))
+    end = CpuSample.now()
+    wall = end.at - since.at
+    return max((end.busy - since.busy - (end.own - since.own)) / wall, 0.0)
 
 
 def contention_note(others: float | None, threads: int, cores: int) -> str | None:

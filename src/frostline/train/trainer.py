@@ -37,6 +37,7 @@ from frostline.train.cache import FeatureCache, fingerprint, plan_cache
 from frostline.train.loop import EpochResult, EvalResult, NonFiniteLoss, evaluate, model_forward, train_epoch
 from frostline.train.monitor import Diagnosis, OverfitMonitor
 from frostline.train.runtime import (
+    CpuSample,
     Runtime,
     contention_note,
     is_main_process,
@@ -158,6 +159,8 @@ class Trainer:
 
     # ---- set-up -------------------------------------------------------------------------------
     def _prepare(self) -> None:
+        # the machine's load is sampled across the loading below, so measuring it adds no wait of its own
+        load_start = CpuSample.now()
         if self.data is None:
             ref = self.config.model.ref
             tokenizer = self.source.tokenizer if self.source is not None else open_tokenizer(ref)
@@ -183,7 +186,7 @@ class Trainer:
         self.reporter.note(self.data.describe())
         self.reporter.note(f"device {self.runtime.device}, {self.runtime.reason}")
         if self.runtime.device.type == "cpu":
-            busy = contention_note(other_cpu_cores(), torch.get_num_threads(), os.cpu_count() or 1)
+            busy = contention_note(other_cpu_cores(since=load_start), torch.get_num_threads(), os.cpu_count() or 1)
             if busy:
                 self.reporter.note(busy)
         self.model: nn.Module = self.source.model.to(self.runtime.device)
