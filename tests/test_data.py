@@ -39,10 +39,12 @@ def test_csv_and_jsonl_files(tmp_path):
         for text, label in [("a", 2), ("b", 10), ("c", 2)]:
             f.write(json.dumps({"text": text, "label": label}) + "\n")
 
-    csv_data = open_text_data(str(tmp_path / "d.csv"), text_column="body", label_column="topic")
+    with pytest.raises(ConfigError, match=r"1 row\(s\) with a blank body \(line 4\); .*data.skip_bad_rows=true"):
+        open_text_data(str(tmp_path / "d.csv"), text_column="body", label_column="topic")
+    csv_data = open_text_data(str(tmp_path / "d.csv"), text_column="body", label_column="topic", skip_bad_rows=True)
     assert csv_data.texts == ["hello there", "awful day", "fine"]
     assert csv_data.label_names == ["neg", "pos"] and csv_data.labels == [1, 0, 1]
-    assert csv_data.notes == ("skipped 1 rows with an empty text or label",)
+    assert csv_data.notes == ("left out 1 row(s) with a blank body (line 4) (data.skip_bad_rows)",)
 
     jsonl = open_text_data(str(tmp_path / "d.jsonl"))
     assert jsonl.label_names == ["2", "10"] and jsonl.labels == [0, 1, 0]
@@ -79,3 +81,39 @@ def test_tensor_batches_cover_every_example_once_per_pass():
     assert len(batches) == 3
     assert sorted(first.tolist()) == list(range(10)) and not torch.equal(first, second)
     assert all(torch.equal(x["input_ids"].squeeze(1), y) for x, y in batches)
+
+
+@pytest.mark.parametrize("missing", ["NaN", "nan", "", "  ", "null", "N/A"])
+def test_missing_labels_are_refused_with_line_numbers_never_made_a_class(tmp_path, missing):
+    path = tmp_path / "d.csv"
+    path.write_text(f"text,label\na,x\nb,{missing}\nc,y\nd,x\ne,{missing}\n")
+    with pytest.raises(ConfigError, match=r"2 row\(s\) without a label \(blank, NaN or null; lines 3, 6\)"):
+        open_text_data(str(path))
+    data = open_text_data(str(path), skip_bad_rows=True)
+    assert data.label_names == ["x", "y"] and data.texts == ["a", "c", "d"]
+
+
+def test_bytes_that_are_not_utf8_name_the_line_unless_an_encoding_is_given(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes("text,label\nplain,a\ncaf\u00e9 au lait,b\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"d.csv:3: byte 0xe9 is not utf-8 text; .*data.encoding"):
+        open_text_data(str(path))
+    assert open_text_data(str(path), encoding="latin-1").texts == ["plain", "caf\u00e9 au lait"]
+
+
+def test_jsonl_lines_must_be_objects_and_long_csv_fields_are_read(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": 1}\n["b", 2]\n')
+    with pytest.raises(ConfigError, match=r"d.jsonl:2 is a JSON list, not an object"):
+        open_text_data(str(path))
+    long = "word " * 40_000
+    (tmp_path / "long.csv").write_text(f"text,label\n{long},a\nshort,b\n")
+    assert len(open_text_data(str(tmp_path / "long.csv")).texts[0]) == len(long)
+
+
+def test_the_split_leaves_every_class_a_training_example():
+    labels = [0] * 10 + [1] * 10 + [2]
+    for fraction in (0.2, 0.5, 0.9):
+        train, val = stratified_split(labels, fraction, seed=0)
+        assert 20 in train and 20 not in val
+        assert {labels[i] for i in train} == {0, 1, 2}

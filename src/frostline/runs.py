@@ -1,4 +1,4 @@
-"""Reading a run folder back: the model with its best weights, its labels, its config."""
+"""Reading a run folder back, as data: the model with its verified best weights, its labels, its config, its split."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from frostline.checkpoint import load_weights
-from frostline.config import FitConfig, config_from_dict
-from frostline.dataset import image_settings, relabel
+from frostline.config import FitConfig
+from frostline.dataset import image_settings, read_text, relabel, validation_subset
 from frostline.errors import ConfigError
+from frostline.run_folder import expected_sha256, read_run_config
 from frostline.sources import open_model
-from frostline.sources.data import open_text_data
 from frostline.sources.images import is_image_ref, open_image_data
 
 
@@ -31,6 +31,8 @@ class TrainedRun:
     max_length: int
     preprocess: dict[str, Any] = field(default_factory=dict)
     """The image model's input conventions (empty for text models)."""
+    notes: list[str] = field(default_factory=list)
+    """What people should know about how the run was read (weights that could not be verified)."""
 
     @property
     def reads_images(self) -> bool:
@@ -64,33 +66,103 @@ class TrainedRun:
         Raises:
             ConfigError: the data has classes the trained model lacks, or cannot be read.
         """
+        data, transform = self._read(ref)
+        return self._as_inputs(relabel(data, self.labels, ref, "the trained model"), transform)
+
+    def validation(self) -> tuple[Any, torch.Tensor, Any, str]:
+        """The run's own validation examples, found again by the split it recorded, with a description.
+
+        Raises:
+            ConfigError: the run recorded no split (written by an older frostline, or data from a py: factory), or
+                the data changed since: re-splitting it would put training examples into validation.
+        """
+        config = self.config.data
+        record = _read_json(self.folder / "data.json", "the record of the run's data") if (
+            self.folder / "data.json"
+        ).is_file() else None
+        if record is None or not isinstance(record.get("fingerprint"), str):
+            raise ConfigError(
+                f"{self.folder} records no validation split (data.json is missing: the run is from an older frostline, "
+                "or its data came from a py: factory); evaluate on held-out examples with --data FILE"
+            )
+        if config.val_ref:
+            data, transform = self._read(config.val_ref)
+            where = f"{config.val_ref} (the run's validation file)"
+        else:
+            full, transform = self._read(config.ref)
+            indices = record.get("val_indices")
+            if not isinstance(indices, list) or not all(isinstance(i, int) and i >= 0 for i in indices):
+                raise ConfigError(f"{self.folder / 'data.json'} is damaged: val_indices is not a list of indices")
+            data = validation_subset(full, config, record["fingerprint"], indices)
+            where = f"{full.origin} validation split (the {len(indices):,d} examples the run held out)"
+        inputs, labels, transform = self._as_inputs(relabel(data, self.labels, config.ref, "the trained model"), transform)
+        return inputs, labels, transform, where
+
+    def _read(self, ref: str) -> tuple[Any, Any]:
         data_config = self.config.data
         if is_image_ref(ref):
             size, crop_pct, transform = image_settings(data_config, self.tokenizer, self.preprocess)
-            data = open_image_data(ref, size, crop_pct)
-        else:
-            transform = None
-            data = open_text_data(ref, data_config.text_column, data_config.label_column)
-        data = relabel(data, self.labels, ref, "the trained model")
+            return open_image_data(ref, size, crop_pct), transform
+        return read_text(data_config)(ref), None
+
+    def _as_inputs(self, data: Any, transform: Any) -> tuple[Any, torch.Tensor, Any]:
         labels = torch.tensor(data.labels)
         inputs = data.images if transform is not None else self.encode(data.texts)
         return inputs, labels, transform
 
 
-def load_run(folder: str | Path) -> TrainedRun:
-    """Rebuild the model of a run and load its best weights (best.safetensors).
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} ({what}) is damaged: {err}") from err
+
+
+def _read_head(folder: Path) -> dict[str, Any]:
+    """head.json, checked: a list of distinct label names and a class count that agrees with it.
 
     Raises:
-        ConfigError: the folder is not a finished frostline run.
+        ConfigError: the file is damaged or was edited into something that does not describe a head.
+    """
+    path = folder / "head.json"
+    head = _read_json(path, "the run's labels")
+    labels = head.get("labels") if isinstance(head, dict) else None
+    problems = []
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        problems.append("labels must be a non-empty list of label names")
+    elif len(set(labels)) != len(labels):
+        problems.append("labels must be distinct")
+    elif head.get("num_classes") != len(labels):
+        problems.append(f"num_classes is {head.get('num_classes')!r}, but {len(labels)} labels are listed")
+    max_length = head.get("max_length", 128) if isinstance(head, dict) else None
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+        problems.append(f"max_length must be a whole number >= 2, got {max_length!r}")
+    if problems:
+        raise ConfigError(f"{path} does not describe the run's head ({'; '.join(problems)}); restore it from the run")
+    return head
+
+
+def load_run(folder: str | Path, trust_code: bool = False) -> TrainedRun:
+    """Rebuild the model of a run and load its best weights (best.safetensors), verified against their SHA-256.
+
+    Args:
+        folder: a run folder written by `frostline fit`.
+        trust_code: import the `py:` references its config names (a run folder is data: off by default).
+
+    Raises:
+        ConfigError: the folder is not a finished frostline run, a file in it is damaged, or it names code and
+            `trust_code` is False.
+        WeightFileError: best.safetensors changed since the run wrote it.
     """
     folder = Path(folder)
     missing = [name for name in ("config.json", "head.json", "best.safetensors") if not (folder / name).is_file()]
     if missing:
         raise ConfigError(f"{folder} is not a frostline run folder with best weights: {', '.join(missing)} missing")
-    config = config_from_dict(json.loads((folder / "config.json").read_text()))
-    head = json.loads((folder / "head.json").read_text())
+    config = read_run_config(folder, trust_code)
+    head = _read_head(folder)
+    digest, note = expected_sha256(folder, "best.safetensors")
     source = open_model(config.model.ref, num_classes=head["num_classes"])
-    load_weights(source.model, folder / "best.safetensors")
+    load_weights(source.model, folder / "best.safetensors", digest)
     source.model.eval()
     return TrainedRun(
         folder,
@@ -100,4 +172,5 @@ def load_run(folder: str | Path) -> TrainedRun:
         head["labels"],
         head.get("max_length", config.data.max_length),
         source.preprocess,
+        notes=[note] if note else [],
     )

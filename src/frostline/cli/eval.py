@@ -8,7 +8,7 @@ from rich.table import Table
 
 from frostline.batches import TensorBatches
 from frostline.cli.console import make_console
-from frostline.dataset import prepare_data
+from frostline.errors import ConfigError
 from frostline.runs import load_run
 from frostline.train.loop import evaluate, model_forward
 from frostline.train.runtime import select_runtime
@@ -23,23 +23,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--data",
         help="a .csv / .jsonl file, an image folder or a built-in set to evaluate on (default: the run's own validation split)",
     )
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per batch (default 64)")
+    parser.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="import the py: references the run's config names (a run folder is data: never without this flag)",
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     console = make_console()
-    trained = load_run(args.run_dir)
-    runtime = select_runtime(trained.config.run.device, trained.config.run.precision)
+    trained = load_run(args.run_dir, trust_code=args.trust_code)
+    for note in trained.notes:
+        console.print(f"[yellow]{note}[/]", highlight=False)
+    # evaluation runs wherever this machine can (the run may have trained on a GPU this one lacks)
+    runtime = select_runtime("auto", trained.config.run.precision)
     if args.data:
         inputs, labels, transform = trained.labelled(args.data)
         where = args.data
     else:
-        prepared = prepare_data(
-            trained.config.data, trained.tokenizer, trained.config.run.seed, preprocess=trained.preprocess
-        )
-        inputs, labels, transform = prepared.val_inputs, prepared.val_labels, prepared.val_transform
-        where = f"{prepared.origin} validation split"
+        inputs, labels, transform, where = trained.validation()
     model = trained.model.to(runtime.device)
     result = evaluate(
         model_forward(model), TensorBatches(inputs, labels, args.batch_size, transform=transform), runtime, [model]

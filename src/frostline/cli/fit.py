@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -18,9 +16,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from frostline import run_folder
 from frostline.cli.console import make_console
-from frostline.config import FitConfig, StageConfig, apply_overrides, config_from_dict, load_config
-from frostline.errors import FrostlineError
+from frostline.config import FitConfig, StageConfig, apply_overrides, load_config
+from frostline.errors import ConfigError, FrostlineError
 from frostline.freeze import FreezePlan
 from frostline.guard import Finding
 from frostline.report import plot_training, summary_table
@@ -41,7 +40,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", help="run folder (overrides run.output)")
     parser.add_argument("--name", help="run name under runs/ (overrides run.name)")
     parser.add_argument("--seed", type=int, help="seed (overrides run.seed)")
-    parser.add_argument("--resume", metavar="RUN", help="continue a killed run from its last checkpoint")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue a killed run from its last checkpoint (settings of stages not begun yet may change)",
+    )
+    parser.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="with --resume: import the py: references that the run folder's config names (a run folder is data; "
+        "without this flag its code is never run)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty output folder that is not a frostline run, or replace the run there",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -125,8 +139,9 @@ class RichReporter:
             self.console.print(f"[yellow]{diagnosis.message}[/]", highlight=False)
 
 
-def build_config(args: argparse.Namespace) -> FitConfig:
-    config = load_config(args.config) if args.config else FitConfig()
+def build_config(args: argparse.Namespace, base: FitConfig | None = None) -> FitConfig:
+    """The config a command line asks for: its file (else `base`, else the default), then flags and --set."""
+    config = load_config(args.config) if args.config else (base or FitConfig())
     overrides = list(args.overrides)
     for flag, key in (
         ("model", "model.ref"),
@@ -144,10 +159,10 @@ def build_config(args: argparse.Namespace) -> FitConfig:
 def run(args: argparse.Namespace) -> int:
     console = make_console()
     if args.resume:
-        saved = Path(args.resume) / "config.json"
-        if not saved.is_file():
-            raise FrostlineError(f"--resume {args.resume}: no config.json there, so this is not a frostline run folder")
-        config = config_from_dict(json.loads(saved.read_text()))
+        if args.output or args.name:
+            raise ConfigError(f"--resume continues in {args.resume}; --output and --name cannot be combined with it")
+        saved = run_folder.read_run_config(run_folder.resume_dir(args.resume), args.trust_code)
+        config = build_config(args, base=saved)
     else:
         config = build_config(args)
     if not args.config and not args.resume and not args.model and not args.data:
@@ -158,9 +173,9 @@ def run(args: argparse.Namespace) -> int:
         )
     trainer = Trainer(config, RichReporter(console))
     try:
-        result = trainer.fit(resume=args.resume)
+        result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     except FrostlineError:
-        if trainer.history and trainer.run_dir is not None:
+        if trainer.history and trainer.run_dir is not None and trainer.run_dir.is_dir():
             plot_training(
                 trainer.history,
                 trainer.run_dir / "report.png",

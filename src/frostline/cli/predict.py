@@ -23,6 +23,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("texts", metavar="TEXT_OR_IMAGE", nargs="+", help="texts, or image files for an image run")
     parser.add_argument("--top", type=int, default=3, help="how many labels to show per text (default 3)")
     parser.add_argument("--json", action="store_true", help="print JSON lines")
+    parser.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="import the py: references the run's config names (a run folder is data: never without this flag)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -30,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
     console = make_console()
-    trained = load_run(args.run_dir)
+    trained = load_run(args.run_dir, trust_code=args.trust_code)
+    for note in trained.notes:
+        make_console(stderr=True).print(f"[yellow]{note}[/]", highlight=False)
     with torch.inference_mode():
         if trained.reads_images:
             logits = trained.model(trained.encode_images(args.texts))

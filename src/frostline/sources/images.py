@@ -7,6 +7,7 @@ cannot be decoded are skipped and counted.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,13 @@ class ImageData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def fingerprint(self) -> str:
+        """SHA-256 of every decoded image and its label name, in order: changes when any example changes."""
+        digest = hashlib.sha256(str(tuple(self.images.shape)).encode())
+        digest.update(self.images.contiguous().numpy().tobytes())
+        digest.update("|".join(self.label_names[y] for y in self.labels).encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()
+
     def subset(self, indices: list[int] | np.ndarray) -> ImageData:
         index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         return ImageData(
@@ -59,8 +67,37 @@ def open_image_data(ref: str, size: int, crop_pct: float = 1.0, progress: Progre
         ConfigError: no readable images, or fewer than two classes with images.
     """
     if ref == "mnist":
+        # decoded as floats before they are stored as bytes: 5 bytes a pixel at the peak
+        check_memory(5_000, size, "mnist", bytes_per_pixel=5)
         return load_mnist(size)
     return open_image_folder(Path(ref), size, crop_pct, progress)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (MemAvailable); None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(count: int, size: int, what: str, bytes_per_pixel: int = 3) -> None:
+    """Refuse, before decoding, images that would not fit in memory at `size` x `size` pixels.
+
+    Raises:
+        ConfigError: the decoded images need more than 80% of the memory available now.
+    """
+    need = count * size * size * bytes_per_pixel
+    have = available_memory()
+    if have is not None and need > 0.8 * have:
+        raise ConfigError(
+            f"{count:,d} images of {what} at data.image_size={size:,d} need about {need / 2**30:,.1f} GiB in memory, "
+            f"and this machine has {have / 2**30:,.1f} GiB available; set a smaller data.image_size (or leave it unset "
+            "for the model's own input size) or use data.limit"
+        )
 
 
 def load_mnist(size: int) -> ImageData:
@@ -92,6 +129,7 @@ def open_image_folder(root: Path, size: int, crop_pct: float = 1.0, progress: Pr
         raise ConfigError(
             f"{root} holds no images; lay it out as {root}/<class>/<image> with {', '.join(IMAGE_SUFFIXES)} files"
         )
+    check_memory(len(files), size, str(root))
     images, labels, skipped = [], [], []
     for i, (path, label) in enumerate(files):
         try:

@@ -105,3 +105,21 @@ def open_text_model(name: str, num_classes: int | None) -> ModelSource:
     return ModelSource(
         ref=f"hf:{name}", model=model, example_batch=example, pretrained=True, notes=notes, tokenizer=tokenizer
     )
+
+
+def token_limit(tokenizer: Any) -> int | None:
+    """The most tokens the tokenizer's model reads: the tokenizer's own `model_max_length` when it states one,
+    else the model config's `max_position_embeddings`; None when neither says."""
+    stated = getattr(tokenizer, "model_max_length", None)
+    if isinstance(stated, int) and 0 < stated < 1_000_000:
+        return stated
+    folder = getattr(tokenizer, "name_or_path", None)
+    if not folder or not (Path(folder) / "config.json").is_file():
+        return None
+    try:
+        import json
+
+        positions = json.loads((Path(folder) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return positions if isinstance(positions, int) and positions > 0 else None

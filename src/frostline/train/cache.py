@@ -9,6 +9,7 @@ used; they live in memory under a budget, else memory-mapped from the run folder
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,8 +135,13 @@ class FeatureCache:
         if key in self.memory:
             return self.memory[key], 0.0, "memory (reused)"
         path = self.folder / "cache" / f"{key}.pt" if self.folder is not None else None
+        unreadable = ""
         if path is not None and path.is_file():
-            return torch.load(path, mmap=True, weights_only=True), 0.0, f"{path} (reused)"
+            try:
+                # weights_only: a cache file is data; a pickled object in its place is refused, never run
+                return torch.load(path, mmap=True, weights_only=True), 0.0, f"{path} (reused)"
+            except Exception as err:  # torch raises several types for damaged or foreign files
+                unreadable = f" ({path} could not be read as a feature cache: {type(err).__name__}; recomputed)"
         start = time.perf_counter()
         parts = []
         chunks = _slices(inputs, batch_size)
@@ -158,9 +164,11 @@ class FeatureCache:
         seconds = time.perf_counter() - start
         if _nbytes(features) <= self.budget or path is None:
             self.memory[key] = features
-            return features, seconds, "memory"
+            return features, seconds, "memory" + unreadable
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save(features, tmp)
+        with tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
         tmp.replace(path)
-        return torch.load(path, mmap=True, weights_only=True), seconds, str(path)
+        return torch.load(path, mmap=True, weights_only=True), seconds, str(path) + unreadable

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from frostline.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -48,7 +50,7 @@ def select_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
             device = "mps"
         else:
             device = "cpu"
-    dev = torch.device(device)
+    dev = _available(device)
     if precision != "auto":
         return Runtime(dev, precision, f"precision {precision} as configured")
     if dev.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -61,6 +63,26 @@ def select_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
         else f"bf16 is not used on {dev.type}"
     )
     return Runtime(dev, "fp32", f"fp32: {why}")
+
+
+def _available(device: str) -> torch.device:
+    """The torch device `device` names, or a `ConfigError` when this machine does not have it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"run.device {device!r} is not a device torch knows; use auto, cpu, cuda, cuda:N or mps") from err
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"run.device={device}, but torch sees no CUDA GPU here (torch.cuda.is_available() is False); "
+                "use run.device=auto (it picks the GPU when there is one) or cpu"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"run.device={device}, but this machine has {count} CUDA GPU(s): cuda:0 to cuda:{count - 1}")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ConfigError(f"run.device={device}, but Apple's MPS is not available here; use run.device=auto or cpu")
+    return dev
 
 
 def busy_cpu_seconds() -> float | None:

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +21,20 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from frostline import run_folder
 from frostline.batches import TensorBatches, batch_to
-from frostline.checkpoint import atomic_save_tensors, atomic_write_text, model_tensors, read_checkpoint, save_checkpoint
-from frostline.config import FitConfig, StageConfig
+from frostline.checkpoint import (
+    atomic_save_tensors,
+    atomic_write_text,
+    model_tensors,
+    read_checkpoint,
+    read_tensors,
+    save_checkpoint,
+)
+from frostline.config import FitConfig, StageConfig, config_changes, config_from_dict, with_resolved_paths
 from frostline.dataset import PreparedData, prepare_data
-from frostline.errors import ConfigError, FrostlineError
-from frostline.freeze import FreezePlan, freeze
+from frostline.errors import ConfigError, FreezeSpecError, FrostlineError
+from frostline.freeze import FreezePlan, freeze, plan_freeze
 from frostline.guard import Finding, FreezeGuard, check_setup
 from frostline.inspect import ModelMap, inspect_model
 from frostline.optim import build_schedule, param_groups
@@ -98,37 +105,6 @@ class FitResult:
     stage_plans: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-zA-Z0-9]+", "-", text.split("/")[-1].split(":")[-1]).strip("-").lower() or "run"
-
-
-def resolve_run_dir(config: FitConfig, resume: str | Path | None) -> Path:
-    """The run folder: the one to resume, the configured output, or runs/<name> with -2, -3... added.
-
-    Raises:
-        ConfigError: resuming a folder with no checkpoint, or an output folder that already holds a run.
-    """
-    if resume is not None:
-        folder = Path(resume)
-        if not (folder / "checkpoint").is_dir() and not (folder / "checkpoint.old").is_dir():
-            raise ConfigError(f"--resume {folder}: no checkpoint/ in that folder, so there is nothing to resume")
-        return folder
-    if config.run.output:
-        folder = Path(config.run.output)
-        if (folder / "metrics.jsonl").exists() or (folder / "checkpoint").exists():
-            raise ConfigError(
-                f"run.output {folder} already holds a run; resume it with --resume {folder}, or choose another output"
-            )
-        return folder
-    name = config.run.name or f"{_slug(config.model.ref)}-{_slug(config.data.ref)}"
-    folder = Path("runs") / name
-    n = 2
-    while folder.exists():
-        folder = Path("runs") / f"{name}-{n}"
-        n += 1
-    return folder
-
-
 class Trainer:
     """Runs a `FitConfig`: one object holds the state; the loop body is plain functions."""
 
@@ -191,43 +167,91 @@ class Trainer:
                 self.reporter.note(busy)
         self.model: nn.Module = self.source.model.to(self.runtime.device)
         self.model_map: ModelMap = inspect_model(self.model, batch_to(self.source.example_batch, self.runtime.device))
+        self._check_stages()
+
+    def _check_stages(self) -> None:
+        """Resolve every stage's freeze spec on the model now, so a typo in stage 3 stops the run before stage 1.
+
+        Raises:
+            ConfigError: listing each stage whose spec names nothing in this model.
+        """
+        problems = []
+        for index, stage in enumerate(self.config.stages):
+            try:
+                plan_freeze(self.model, stage.freeze, self.model_map)
+            except FreezeSpecError as err:
+                problems.append(f"stages.{index}.freeze ({stage.name!r}) = {stage.freeze!r}: {err}")
+        if problems:
+            raise ConfigError(problems)
 
     def _write(self, name: str, text: str) -> None:
         if self.run_dir is not None and is_main_process():
             atomic_write_text(self.run_dir / name, text)
 
     # ---- the run ------------------------------------------------------------------------------
-    def fit(self, resume: str | Path | None = None, write: bool = True) -> FitResult:
+    def fit(
+        self, resume: str | Path | None = None, write: bool = True, overwrite: bool = False
+    ) -> FitResult:
         """Run every stage (or continue a killed run from its last checkpoint).
 
+        Everything that can be checked before training is checked before the run folder is made: the output
+        folder, the data, the model, every stage's freeze spec, and on resume the checkpoint's integrity and the
+        settings changed since. A start that fails before its first checkpoint leaves no run folder behind.
+
+        Args:
+            resume: the folder of a run to continue; `self.config` may differ from its config.json only in
+                settings that are safe by construction (stages not begun yet, threads), which are recorded.
+            write: write the run folder (False: train in memory only).
+            overwrite: write into a non-empty folder that is not a frostline run (or replace a run there).
+
         Raises:
-            FrostlineError: invalid data or set-up, a non-finite loss, or frozen weights that moved.
+            FrostlineError: invalid data, settings or set-up, a non-finite loss, or frozen weights that moved.
         """
         start = time.perf_counter()
-        if write:
-            self.run_dir = resolve_run_dir(self.config, resume)
-            if is_main_process():
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._prepare()
-        self.cache = FeatureCache(self.run_dir, self.config.run.cache_memory_mb, self.cache_dtype)
-        position = {"stage": 0, "epoch": 0, "done": None}
+        self.config = with_resolved_paths(self.config)
+        folder: Path | None = None
         checkpoint = None
+        position = {"stage": 0, "epoch": 0, "done": None}
+        if write:
+            folder = run_folder.resume_dir(resume) if resume is not None else run_folder.choose_run_dir(
+                self.config, overwrite
+            )
         if resume is not None:
-            checkpoint = read_checkpoint(self.run_dir)
+            checkpoint = read_checkpoint(folder)
             position = checkpoint["trainer"]["position"]
+            changes = self._check_resume_changes(folder, position)
+        self._prepare()
+        if write and is_main_process():
+            if resume is None:
+                run_folder.start(folder)
+            elif changes:
+                run_folder.record_resumed(folder, f"stage {position['stage'] + 1}, epoch {position['epoch'] + 1}", changes)
+        self.run_dir = folder
+        try:
+            return self._fit(checkpoint, position, start)
+        except BaseException:
+            if resume is None and folder is not None and is_main_process():
+                run_folder.clear_failed_start(folder)
+            raise
+
+    def _fit(self, checkpoint: dict[str, Any] | None, position: dict[str, Any], start: float) -> FitResult:
+        self.cache = FeatureCache(self.run_dir, self.config.run.cache_memory_mb, self.cache_dtype)
+        if checkpoint is not None:
             self.history = checkpoint["trainer"]["history"]
             self.model.load_state_dict(checkpoint["model"])
-            best_file = self.run_dir / "best.safetensors"
-            if best_file.is_file():
-                from safetensors.torch import load_file
-
-                self.best_state = load_file(str(best_file))
+            if (self.run_dir / "best.safetensors").is_file():
+                digest, note = run_folder.expected_sha256(self.run_dir, "best.safetensors")
+                if note:
+                    self.reporter.note(note)
+                self.best_state = read_tensors(self.run_dir / "best.safetensors", digest)
             self.reporter.note(
                 f"resuming {self.run_dir} at stage {position['stage'] + 1}, epoch {position['epoch'] + 1}"
             )
         self._write("config.json", json.dumps(self.config.to_dict(), indent=2))
         self._write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
         self._write_head_json()
+        if checkpoint is None:
+            self._write("data.json", json.dumps(self._data_record(), indent=1))
 
         diagnosis: Diagnosis | None = None
         stop_reason = position["done"]
@@ -243,6 +267,35 @@ class Trainer:
         if self.best_state is not None:
             self.model.load_state_dict({k: v.to(self.runtime.device) for k, v in self.best_state.items()})
         return self._result(stop_reason, diagnosis, time.perf_counter() - start)
+
+    def _check_resume_changes(self, folder: Path, position: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+        """The settings changed since the run was started, when all are safe to change now.
+
+        Safe by construction: anything about stages that have not begun (more epochs, another rate, another
+        spec, added stages) and how the run uses the machine (threads, the cache's memory budget). Anything else
+        would make the resumed run differ from every uninterrupted one.
+
+        Raises:
+            ConfigError: listing each unsafe change with its old and new value.
+        """
+        saved = with_resolved_paths(config_from_dict(json.loads((folder / "config.json").read_text(encoding="utf-8"))))
+        changes = [c for c in config_changes(saved, self.config) if c[0] not in ("run.output", "run.name")]
+        begun = position["stage"] + (1 if position["epoch"] > 0 else 0)
+        unsafe = [c for c in changes if not _safe_change(c[0], begun)]
+        if unsafe:
+            lines = [f"  {key}: {old!r} -> {new!r}" for key, old, new in unsafe]
+            raise ConfigError(
+                [
+                    f"--resume {folder}: these settings differ from the run's and would change what it has already "
+                    f"done ({begun} stage(s) begun):",
+                    *lines,
+                    "keep them as they were to resume, or start a new run with these settings (another --output); "
+                    "settings of stages not begun yet and run.threads may change on resume",
+                ]
+            )
+        for key, old, new in changes:
+            self.reporter.note(f"resume: {key} changed from {old!r} to {new!r} (recorded in run.json)")
+        return changes
 
     def _run_stage(
         self, index: int, first_epoch: int, checkpoint: dict[str, Any] | None
@@ -309,9 +362,10 @@ class Trainer:
                 record["best"] = True
                 self.best_state = model_tensors(self.model)
                 if self.run_dir is not None and is_main_process():
-                    atomic_save_tensors(
+                    digest = atomic_save_tensors(
                         self.run_dir / "best.safetensors", self.best_state, metadata={"epoch": str(record["epoch"])}
                     )
+                    run_folder.record_weights(self.run_dir, "best.safetensors", digest)
             if diagnosis.verdict == "overfitting" and plan.spec.mode == "head" and index + 1 < len(self.config.stages):
                 diagnosis = self._probe_saturated(diagnosis, self.config.stages[index + 1])
             elif diagnosis.verdict == "overfitting":
@@ -459,6 +513,18 @@ class Trainer:
         with (self.run_dir / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(self.history[-1]) + "\n")
 
+    def _data_record(self) -> dict[str, Any]:
+        """What lets `frostline eval` find this run's validation split again, and what reading the data did."""
+        return {
+            "ref": self.config.data.ref,
+            "val_ref": self.config.data.val_ref,
+            "fingerprint": self.data.fingerprint,
+            "train_examples": len(self.data.train_labels),
+            "val_examples": len(self.data.val_labels),
+            "val_indices": self.data.val_indices,
+            "notes": self.data.notes,
+        }
+
     def _write_head_json(self) -> None:
         head = {
             "model": self.config.model.ref,
@@ -489,6 +555,17 @@ class Trainer:
         )
 
 
+_MACHINE_SETTINGS = ("run.threads", "run.cache_memory_mb")
+
+
+def _safe_change(key: str, begun: int) -> bool:
+    """Whether changing setting `key` on resume leaves what the run has done valid (`begun` stages have started)."""
+    if key in _MACHINE_SETTINGS:
+        return True
+    parts = key.split(".")
+    return parts[0] == "stages" and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) >= begun
+
+
 def _as_float(features: Any) -> Any:
     if isinstance(features, dict):
         return {k: v.float() if v.is_floating_point() else v for k, v in features.items()}
@@ -513,7 +590,10 @@ def _adamw(groups: list[dict[str, Any]], runtime: Runtime) -> torch.optim.Optimi
 
 
 def fit(
-    config: FitConfig | None = None, reporter: Reporter | None = None, resume: str | Path | None = None
+    config: FitConfig | None = None,
+    reporter: Reporter | None = None,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
 ) -> FitResult:
     """Fine-tune as `config` says (the embedded default: MiniLM on BBC News) and write the run folder."""
-    return Trainer(config or FitConfig(), reporter).fit(resume=resume)
+    return Trainer(config or FitConfig(), reporter).fit(resume=resume, overwrite=overwrite)
