@@ -45,7 +45,7 @@ def _fsync_folder(folder: Path) -> None:
         os.close(handle)
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+def write_durably(path: Path, data: bytes) -> None:
     """Write `data` to a temporary file, fsync it, rename it over `path`, and fsync the folder."""
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("wb") as handle:
@@ -56,28 +56,39 @@ def _write_durably(path: Path, data: bytes) -> None:
     _fsync_folder(path.parent)
 
 
+def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Tensors as the bytes of a safetensors file (copied to the CPU first)."""
+    return save_safetensors({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, metadata=metadata)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` via a temporary file, fsync and a rename."""
-    _write_durably(path, text.encode("utf-8"))
+    write_durably(path, text.encode("utf-8"))
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
     """Save tensors to a safetensors file via a temporary file, fsync and a rename; returns the file's SHA-256."""
-    data = save_safetensors({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, metadata=metadata)
-    _write_durably(path, data)
+    data = tensor_bytes(tensors, metadata)
+    write_durably(path, data)
     return sha256(data)
 
 
-def read_tensors(path: Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, expected_sha256: str | None, data: bytes | None = None) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file, after checking its SHA-256 against the one recorded when it was written.
+
+    Args:
+        path: the file.
+        expected_sha256: its recorded SHA-256 (None: not checked).
+        data: the file's bytes when already read.
 
     Raises:
         WeightFileError: the file is missing, changed since it was written, or not a safetensors file.
     """
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise WeightFileError(f"{path} cannot be read: {err.strerror or err}") from err
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise WeightFileError(f"{path} cannot be read: {err.strerror or err}") from err
     if expected_sha256 is not None and sha256(data) != expected_sha256:
         raise WeightFileError(
             f"{path} has changed since frostline wrote it (SHA-256 {sha256(data)[:12]}..., recorded "
@@ -98,13 +109,12 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def load_weights(model: nn.Module, path: Path, expected_sha256: str | None) -> None:
-    """Load a safetensors file written by frostline into `model` (all keys and shapes must match).
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load tensors read from `path` into `model` (all keys and shapes must match).
 
     Raises:
-        WeightFileError: the file changed since it was written, is not safetensors, or does not fit the model.
+        WeightFileError: the tensors do not fit the model.
     """
-    state = read_tensors(path, expected_sha256)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:

@@ -15,6 +15,10 @@ Spec strings (clauses separated by ";" or spaces):
     bn=eval|train    frozen BatchNorm keeps its running statistics (eval, the default) or updates them
     bn=fixed         every BatchNorm, trainable ones too, normalises with its running statistics (its
                      scale and shift still train): batch statistics of small fine-tuning batches are noisy
+
+`last:N` and `from:PATH` count in forward order, so they see only the entries the example forward pass
+ran (an unused branch, a block skipped by this input): those have no place in that order and get no
+gradient from it, so they stay frozen. `none` and `train=PATH` train them.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from torch import nn
 
 from frostline.batches import Batch
 from frostline.errors import FreezeSpecError
-from frostline.inspect import ModelMap, inspect_model
+from frostline.inspect import MapEntry, ModelMap, inspect_model
 
 Mode = Literal["head", "last", "from", "none", "bitfit", "train", "freeze"]
 BnPolicy = Literal["eval", "train", "fixed"]
@@ -69,10 +73,29 @@ class FreezeSpec:
             problems.append(f"unknown freeze mode {self.mode!r}; use one of {', '.join(_FORMS)}")
         if self.mode == "last" and (not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 0):
             problems.append(f"last:N needs a whole number N >= 0, got {self.n!r}")
-        if self.mode == "from" and not self.path:
-            problems.append("from:PATH needs the path of a block, for example from:encoder.layer.4")
-        if self.mode in ("train", "freeze") and not self.globs:
-            problems.append(f"{self.mode}=GLOB,... needs at least one pattern, for example {self.mode}=classifier.*")
+        if self.mode != "last" and self.n is not None:
+            problems.append(f"n is the N of last:N; mode {self.mode!r} takes none, got n={self.n!r}")
+        if self.mode == "from" and not (isinstance(self.path, str) and self.path):
+            problems.append(f"from:PATH needs the path of a block, for example from:encoder.layer.4; got {self.path!r}")
+        elif self.mode == "from" and _breaks_clause(self.path, "="):
+            problems.append(f"from:PATH needs a path without spaces, ';' or '=', got {self.path!r}")
+        if self.mode != "from" and self.path is not None:
+            problems.append(f"path is the PATH of from:PATH; mode {self.mode!r} takes none, got path={self.path!r}")
+        if self.mode in ("train", "freeze"):
+            if not isinstance(self.globs, tuple) or not self.globs:
+                problems.append(
+                    f"{self.mode}=GLOB,... needs at least one pattern, for example {self.mode}=classifier.*; "
+                    f"got {self.globs!r}"
+                )
+            elif not all(isinstance(g, str) and g and not _breaks_clause(g, ",") for g in self.globs):
+                problems.append(
+                    f"{self.mode}=GLOB,... needs patterns without spaces, ';' or ',', got {self.globs!r}; "
+                    f"give several patterns as a list, for example {self.mode}=head.*,norm"
+                )
+        elif self.globs != ():
+            problems.append(
+                f"globs are the patterns of train= and freeze=; mode {self.mode!r} takes none, got {self.globs!r}"
+            )
         if self.bn not in ("eval", "train", "fixed"):
             problems.append(f"bn={self.bn} is not a BatchNorm policy; use bn=eval, bn=train or bn=fixed")
         if problems:
@@ -94,12 +117,14 @@ class FreezeSpec:
             return spec
         if isinstance(spec, dict):
             known = {f.name for f in fields(cls)}
-            unknown = sorted(set(spec) - known)
+            unknown = sorted(set(spec) - known, key=str)
             if unknown:
                 raise FreezeSpecError(f"unknown freeze spec keys {unknown}; the keys are {sorted(known)}")
             values = dict(spec)
-            if "globs" in values:
-                values["globs"] = tuple([values["globs"]] if isinstance(values["globs"], str) else values["globs"])
+            if isinstance(values.get("globs"), str):
+                values["globs"] = (values["globs"],)
+            elif isinstance(values.get("globs"), list):
+                values["globs"] = tuple(values["globs"])
             return cls(**values)
         if not isinstance(spec, str):
             raise FreezeSpecError(f"a freeze spec is a string or a dict, got {type(spec).__name__}")
@@ -114,6 +139,8 @@ def _parse_string(text: str) -> FreezeSpec:
     for clause in clauses:
         key, sep, arg = clause.partition("=") if "=" in clause else clause.partition(":")
         if key == "bn" and sep == "=":
+            if "bn" in values:
+                raise FreezeSpecError(f"freeze spec {text!r} sets bn twice (bn={values['bn']} and {clause}); give one")
             values["bn"] = arg
             continue
         if "mode" in values:
@@ -121,8 +148,11 @@ def _parse_string(text: str) -> FreezeSpec:
         if key in _PLAIN_MODES and not sep:
             values["mode"] = key
         elif key == "last" and sep == ":":
-            if not arg.isdigit():
+            # ASCII digits only: int() rejects some Unicode digits (superscripts) that isdigit() accepts
+            if not (arg.isascii() and arg.isdigit()):
                 raise FreezeSpecError(f"last:N needs a whole number N >= 0, got {arg!r} in {text!r}")
+            if len(arg) > _MAX_DIGITS:
+                raise FreezeSpecError(f"last:N counts blocks; a {len(arg):,d}-digit N is no block count")
             values.update(mode="last", n=int(arg))
         elif key == "from" and sep == ":":
             values.update(mode="from", path=arg)
@@ -137,6 +167,15 @@ def _parse_string(text: str) -> FreezeSpec:
             f"freeze spec {text!r} says only how BatchNorm behaves; add what trains, e.g. 'last:2;{text}'"
         )
     return FreezeSpec(**values)
+
+
+# Python refuses to read or print integers longer than this (sys.get_int_max_str_digits)
+_MAX_DIGITS = 4300
+
+
+def _breaks_clause(text: str, separator: str) -> bool:
+    """Whether `text` would split when its spec string is read back (whitespace, ';' or `separator`)."""
+    return any(c.isspace() or c in (";", separator) for c in text)
 
 
 @dataclass(frozen=True)
@@ -274,49 +313,73 @@ def freeze(
         param.requires_grad_(name in plan.trainable)
     for module in model.modules():
         _release_from_eval(module)
-    hold = _hold_in_eval_bn_train if plan.spec.bn == "train" else _hold_in_eval
+    ran = set(model_map.call_order)
     for path in plan.held_in_eval:
         module = model.get_submodule(path)
-        module.register_forward_pre_hook(hold)
-        hold(module, (), force=True)
+        hold = _Hold(module, bn_train=plan.spec.bn == "train")
+        for target in _hook_targets(path, module, ran):
+            target.register_forward_pre_hook(hold)
+        hold.apply()
     return plan
+
+
+class _Hold:
+    """A forward pre-hook that puts a frozen module back in eval mode: model.train() flips every submodule
+    to train mode, and frozen modules must not drop out or (bn=eval) update BatchNorm statistics."""
+
+    def __init__(self, module: nn.Module, bn_train: bool):
+        self.module = module
+        """The held module; the hook may sit on modules inside it (see `_hook_targets`)."""
+        self.bn_train = bn_train
+        """bn=train: BatchNorm inside the held module keeps training mode."""
+
+    def __call__(self, hooked: nn.Module, args: Any) -> None:
+        if self.module.training:
+            self.apply()
+
+    def apply(self) -> None:
+        self.module.eval()
+        if self.bn_train:
+            for sub in self.module.modules():
+                if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                    sub.train()
+
+
+def _hook_targets(path: str, module: nn.Module, ran: set[str]) -> list[nn.Module]:
+    """Where a hold fires: the module itself when it runs, else the outermost modules inside it that do.
+
+    A ModuleList never runs itself, and a module whose forward() is called directly (timm's HRNet
+    downsamplers) fires no hook of its own: a hold hooked there alone would never fire.
+    """
+    if path in ran and not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        return [module]
+    inside = [
+        target
+        for name, child in module.named_children()
+        for target in _hook_targets(f"{path}.{name}" if path else name, child, ran)
+    ]
+    return inside or [module]
+
+
+def _holds(module: nn.Module) -> list[_Hold]:
+    """The holds hooked on `module`, for the modules they hold."""
+    return [hook for hook in module._forward_pre_hooks.values() if isinstance(hook, _Hold)]
 
 
 def held_in_eval(model: nn.Module) -> dict[str, bool]:
     """Modules that `freeze` holds in eval mode, each with whether its BatchNorm keeps training (bn=train)."""
-    held = {}
-    for path, module in model.named_modules():
-        for hook in module._forward_pre_hooks.values():
-            if hook in _HOLDS:
-                held[path] = hook is _hold_in_eval_bn_train
-    return held
+    paths = {m: p for p, m in model.named_modules()}
+    return {paths[h.module]: h.bn_train for m in model.modules() for h in _holds(m) if h.module in paths}
 
 
 def is_held_in_eval(module: nn.Module) -> bool:
     """Whether `freeze` holds this module itself in eval mode."""
-    return any(hook in _HOLDS for hook in module._forward_pre_hooks.values())
-
-
-def _hold_in_eval(module: nn.Module, args: Any, force: bool = False) -> None:
-    # model.train() flips every submodule back to train mode; undo it for frozen modules.
-    if module.training or force:
-        module.eval()
-
-
-def _hold_in_eval_bn_train(module: nn.Module, args: Any, force: bool = False) -> None:
-    if module.training or force:
-        module.eval()
-        for sub in module.modules():
-            if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-                sub.train()
-
-
-_HOLDS = (_hold_in_eval, _hold_in_eval_bn_train)
+    return any(h.module is module for m in module.modules() for h in _holds(m))
 
 
 def _release_from_eval(module: nn.Module) -> None:
     for key, hook in list(module._forward_pre_hooks.items()):
-        if hook in _HOLDS:
+        if isinstance(hook, _Hold):
             del module._forward_pre_hooks[key]
 
 
@@ -332,8 +395,12 @@ def _held_modules(model: nn.Module, model_map: ModelMap, trainable: set[str], bn
     ]
     first_trainable = next((e.path for e in model_map.entries if any(n in trainable for n in e.param_names)), None)
     order = list(model_map.call_order)
-    if first_trainable in order:
-        for path in order[: order.index(first_trainable)]:
+    # the first module to run inside the entry: a ModuleList entry never runs itself, its children do
+    boundary = next(
+        (i for i, p in enumerate(order) if first_trainable is not None and _under(p, first_trainable)), None
+    )
+    if boundary is not None:
+        for path in order[:boundary]:
             inside = any(path == h or path.startswith(h + ".") for h in held)
             if path and not inside and next(modules[path].parameters(), None) is None:
                 held.append(path)
@@ -382,15 +449,9 @@ def _select(spec: FreezeSpec, model_map: ModelMap, params: dict[str, nn.Paramete
             )
         return biases | set(model_map.entry(model_map.head).param_names)
     if spec.mode == "last":
-        blocks = model_map.blocks
-        if spec.n > len(blocks):
-            names = ", ".join(b.path for b in blocks) or "none"
-            raise FreezeSpecError(
-                f"last:{spec.n} asks for {spec.n} blocks, but the model has {len(blocks)} ({names}); "
-                f"use last:{len(blocks)} to train every block, or none for full fine-tuning"
-            )
-        start = called.index(blocks[-spec.n]) if spec.n else _after_last_block(called)
-        return {n for e in called[start:] for n in e.param_names}
+        start = _start_of_last(spec.n, called, model_map)
+        # the head always trains under last:N, even when the trace placed it before a block
+        return {n for e in called[start:] for n in e.param_names} | set(model_map.entry(model_map.head).param_names)
     if spec.mode == "from":
         start = _start_of(spec.path, called, model_map)
         return {n for e in called[start:] for n in e.param_names}
@@ -398,19 +459,58 @@ def _select(spec: FreezeSpec, model_map: ModelMap, params: dict[str, nn.Paramete
     return matched if spec.mode == "train" else set(params) - matched
 
 
-def _after_last_block(called: list) -> int:
+def _start_of_last(n: int, called: list[MapEntry], model_map: ModelMap) -> int:
+    """Index in `called` where last:N starts; only blocks that ran count."""
     positions = [i for i, e in enumerate(called) if e.kind == "block"]
+    ran = [called[i].path for i in positions]
+    never = [b.path for b in model_map.blocks if not b.called]
+    skipped = (
+        f"; {len(never):,d} more never ran in the example forward pass ({_listed(never)}) and are not counted: "
+        "they have no place in forward order and get no gradient from it"
+        if never
+        else ""
+    )
+    if never and not ran:
+        raise FreezeSpecError(
+            f"last:{n} counts blocks from the head, but none of the model's {len(never):,d} blocks ran in the "
+            f"example forward pass ({_listed(never)}); give an example batch that reaches them, or use head, "
+            f"train=PATTERN or none"
+        )
+    if n > len(ran):
+        raise FreezeSpecError(
+            f"last:{n} asks for {n} blocks, but the model has {len(ran)} ({_listed(ran) or 'none'}){skipped}; "
+            f"use last:{len(ran)} to train every block that runs, or none for full fine-tuning"
+        )
+    if n:
+        return positions[-n]
     return positions[-1] + 1 if positions else 0
 
 
-def _start_of(path: str, called: list, model_map: ModelMap) -> int:
+def _start_of(path: str, called: list[MapEntry], model_map: ModelMap) -> int:
     for i, entry in enumerate(called):
-        if entry.path == path or entry.path.startswith(path + "."):
+        if _under(entry.path, path):
             return i
+    never = [e.path for e in model_map.entries if not e.called and _under(e.path, path)]
+    if never:
+        raise FreezeSpecError(
+            f"from:{path} names {_listed(never)}, which never ran in the example forward pass, so it has no place "
+            f"in forward order; start from an entry that runs, or train it by name with train={path},{model_map.head}"
+        )
     paths = [e.path for e in model_map.entries]
     close = difflib.get_close_matches(path, paths, n=3, cutoff=0.5)
     hint = f"did you mean {' or '.join(close)}?" if close else "the entries are " + ", ".join(paths[:12])
     raise FreezeSpecError(f"from:{path} names no entry of the model map; {hint}")
+
+
+def _under(path: str, prefix: str) -> bool:
+    """Whether `path` is `prefix` or a module inside it."""
+    return path == prefix or path.startswith(prefix + ".")
+
+
+def _listed(paths: list[str], limit: int = 12) -> str:
+    """Paths for a message, the first `limit` of them and how many more."""
+    more = f" and {len(paths) - limit:,d} more" if len(paths) > limit else ""
+    return ", ".join(paths[:limit]) + more
 
 
 def _match_globs(globs: tuple[str, ...], model_map: ModelMap, params: dict[str, nn.Parameter]) -> set[str]:

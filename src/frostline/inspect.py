@@ -51,7 +51,7 @@ class MapEntry:
     param_names: tuple[str, ...]
     """Full names (as in `model.named_parameters()`) of the tensors it owns."""
     called: bool = True
-    """Whether the module ran during the example forward pass."""
+    """Whether the module, or any module inside it, ran during the example forward pass."""
 
 
 @dataclass(frozen=True)
@@ -350,7 +350,9 @@ def _build_map(
 
     def position(unit: str) -> float:
         module = modules[unit] if unit in modules else modules[_parent(unit)]
-        return trace.first_call.get(module, float("inf"))
+        # A unit runs when anything inside it runs: a ModuleList is never called itself, and a module
+        # whose forward() is called directly (timm's HRNet downsamplers) fires no hook of its own.
+        return min((trace.first_call[m] for m in module.modules() if m in trace.first_call), default=float("inf"))
 
     ordered = sorted(units, key=position)
     block_positions = [position(u) for u in ordered if u in blocks]

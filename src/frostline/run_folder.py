@@ -15,13 +15,24 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from frostline.checkpoint import atomic_write_text
+import torch
+
+from frostline.checkpoint import atomic_write_text, read_tensors, sha256, tensor_bytes, write_durably
 from frostline.config import FitConfig, code_refs, config_from_dict
 from frostline.errors import ConfigError
 
 RECORD = "run.json"
 FORMAT = "frostline run"
-STARTED_FILES = ("config.json", "head.json", "data.json", "metrics.jsonl", "best.safetensors", "report.png", RECORD)
+STARTED_FILES = (
+    "config.json",
+    "head.json",
+    "data.json",
+    "metrics.jsonl",
+    "best.safetensors",
+    ".best.safetensors.pending",
+    "report.png",
+    RECORD,
+)
 """What a run writes before its first checkpoint; removed again when that start fails."""
 
 
@@ -167,29 +178,45 @@ def write_record(folder: Path, record: dict[str, Any]) -> None:
     atomic_write_text(folder / RECORD, json.dumps(record, indent=2))
 
 
-def record_weights(folder: Path, name: str, digest: str) -> None:
-    """Note the SHA-256 of a weight file just written into the folder."""
+def save_weights(folder: Path, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a weight file into the folder with its SHA-256 in run.json, so that a crash at any point leaves a
+    file that verifies: the bytes go to `.NAME.pending` first, then the record, then the rename into place."""
+    data = tensor_bytes(tensors, metadata)
+    pending = folder / f".{name}.pending"
+    write_durably(pending, data)
     record = read_record(folder) or {"format": FORMAT, "version": 1, "weights": {}, "resumed": []}
-    record["weights"][name] = digest
+    record["weights"][name] = sha256(data)
     write_record(folder, record)
+    pending.replace(folder / name)
 
 
-def expected_sha256(folder: Path, name: str) -> tuple[str | None, str | None]:
-    """The SHA-256 recorded for a weight file, or None with a note saying why it cannot be checked.
+def read_weights(folder: Path, name: str) -> tuple[dict[str, torch.Tensor], str | None]:
+    """A weight file of the run, verified against the SHA-256 run.json records, with a note when it cannot be.
+
+    A file whose write was cut short between the record and the rename is completed from `.NAME.pending`.
 
     Raises:
         ConfigError: the run keeps records but none for this file (it was not written by this run).
+        WeightFileError: the file changed since the run wrote it, or is not a safetensors file.
     """
+    path = folder / name
     record = read_record(folder)
     if record is None:
-        return None, f"{folder / name} is not verified: the run was written before frostline recorded SHA-256 sums"
+        note = f"{path} is not verified: the run was written before frostline recorded SHA-256 sums"
+        return read_tensors(path, None), note
     digest = record["weights"].get(name)
     if not isinstance(digest, str):
         raise ConfigError(
-            f"{folder / name} was not written by this run (its run.json records no SHA-256 for it); "
+            f"{path} was not written by this run (its run.json records no SHA-256 for it); "
             "frostline uses only weight files it wrote and can verify"
         )
-    return digest, None
+    pending = folder / f".{name}.pending"
+    if pending.is_file():
+        data = pending.read_bytes()
+        if sha256(data) == digest:
+            pending.replace(path)
+            return read_tensors(path, digest, data), None
+    return read_tensors(path, digest), None
 
 
 def read_run_config(folder: Path, trust_code: bool) -> FitConfig:

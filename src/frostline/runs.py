@@ -14,7 +14,7 @@ from frostline.checkpoint import load_weights
 from frostline.config import FitConfig
 from frostline.dataset import image_settings, read_text, relabel, validation_subset
 from frostline.errors import ConfigError
-from frostline.run_folder import expected_sha256, read_run_config
+from frostline.run_folder import read_run_config, read_weights
 from frostline.sources import open_model
 from frostline.sources.images import is_image_ref, open_image_data
 
@@ -160,9 +160,9 @@ def load_run(folder: str | Path, trust_code: bool = False) -> TrainedRun:
         raise ConfigError(f"{folder} is not a frostline run folder with best weights: {', '.join(missing)} missing")
     config = read_run_config(folder, trust_code)
     head = _read_head(folder)
-    digest, note = expected_sha256(folder, "best.safetensors")
+    state, note = read_weights(folder, "best.safetensors")
     source = open_model(config.model.ref, num_classes=head["num_classes"])
-    load_weights(source.model, folder / "best.safetensors", digest)
+    load_weights(source.model, state, folder / "best.safetensors")
     source.model.eval()
     return TrainedRun(
         folder,

