@@ -74,3 +74,61 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.batch_size=0", "data.batch_size must be a whole number of examples >= 1, got 0"),
+        ("data.eval_batch_size=-3", "data.eval_batch_size must be a whole number of examples >= 1, got -3"),
+        ("data.limit=-5", "data.limit must be >= 2 examples (or null for all of them), got -5"),
+        ("data.val_fraction=1.5", "data.val_fraction is the share of each class held out for validation, in (0, 1)"),
+        ("data.image_size=100000", "data.image_size must be 8 to 2,048 pixels, got 100,000"),
+        ("data.max_length=1000000", "data.max_length must be 2 to 65,536 tokens, got 1,000,000"),
+        ("data.encoding=klingon", "data.encoding 'klingon' is not a text encoding"),
+        ("run.threads=-1", "run.threads must be >= 1 (or null for torch's own choice), got -1"),
+        ("run.seed=-1", "run.seed must be a whole number from 0 to 4,294,967,295, got -1"),
+        ("run.device=gpu", "run.device must be auto, cuda, cuda:N, mps or cpu, got 'gpu'"),
+        ("stages.0.lr=.inf", "stage 'head': lr must be a finite number > 0, got inf"),
+        ("stages.0.lr=.nan", "stage 'head': lr must be a finite number > 0, got nan"),
+        ("stages.0.weight_decay=-1", "stage 'head': weight_decay must be a finite number >= 0, got -1"),
+        ("stages.0.lr=1e400", "stage 'head': lr must be a finite number > 0, got inf"),
+        ("stages.0.epochs=10000000000", "stage 'head': epochs must be >= 1, got 10000000000"),
+        ("run.clip_grad=.inf", "run.clip_grad must be > 0 or null, got inf"),
+    ],
+)
+def test_every_value_is_range_checked(override, message):
+    with pytest.raises(ConfigError) as caught:
+        apply_overrides(FitConfig(), [override])
+    assert any(message in p for p in caught.value.problems), caught.value.problems
+
+
+def test_yaml_words_that_yaml_reads_as_booleans_keep_their_meaning(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  cache: off\ndata:\n  augment: no\n")
+    config = load_config(path)
+    assert config.run.cache == "off" and config.data.augment == "none"
+    assert apply_overrides(FitConfig(), ["run.cache=off"]).run.cache == "off"
+
+
+def test_a_config_that_is_not_utf8_or_holds_python_tags_is_refused(tmp_path):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("model:\n  ref: hf:minilm\nrun:\n  name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml:4 holds bytes that are not UTF-8 \(0xe9\); save the config"):
+        load_config(latin)
+    tagged = tmp_path / "tagged.yaml"
+    marker = tmp_path / "MARKER"
+    tagged.write_text(f"model: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(tagged)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("item", ["data.ref.x.y=1", "stages.x.lr=1", "=3", "run=3", "stages.0=head"])
+def test_overrides_that_name_no_setting_are_config_errors(item):
+    with pytest.raises(ConfigError):
+        apply_overrides(FitConfig(), [item])
+
+
+def test_an_override_that_is_not_yaml_is_taken_as_written():
+    assert apply_overrides(FitConfig(), ["data.ref=[unclosed"]).data.ref == "[unclosed"

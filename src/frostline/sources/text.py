@@ -49,6 +49,12 @@ def resolve_folder(name: str) -> Path:
     )
 
 
+def _reason(err: Exception) -> str:
+    """An exception as one short line for people."""
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__
+
+
 @contextlib.contextmanager
 def _quiet_transformers():
     from transformers.utils import logging
@@ -66,18 +72,45 @@ def _quiet_transformers():
 
 
 def open_tokenizer(name: str):
-    """The tokenizer of `hf:NAME`."""
+    """The tokenizer of `hf:NAME`.
+
+    Raises:
+        ModelRefError: the folder has no tokenizer transformers can read.
+    """
     from transformers import AutoTokenizer
 
-    with _quiet_transformers():
-        return AutoTokenizer.from_pretrained(resolve_folder(name))
+    folder = resolve_folder(name)
+    try:
+        with _quiet_transformers():
+            return AutoTokenizer.from_pretrained(folder)
+    except Exception as err:  # transformers raises many types for a folder it cannot read
+        raise ModelRefError(
+            f"hf:{name}: cannot load a tokenizer from {folder} ({_reason(err)})"
+        ) from err
 
 
 def open_text_model(name: str, num_classes: int | None) -> ModelSource:
-    """Load `hf:NAME` with a tokenizer and a tokenized example batch."""
+    """Load `hf:NAME` with a tokenizer and a tokenized example batch.
+
+    Raises:
+        ModelRefError: the folder is missing or transformers cannot load it (the reason named).
+    """
+    folder = resolve_folder(name)
+    try:
+        return _open_text_model(name, folder, num_classes)
+    except ModelRefError:
+        raise
+    except Exception as err:  # transformers raises many types for a folder it cannot read
+        raise ModelRefError(
+            f"hf:{name}: cannot load the model in {folder} ({_reason(err)}); "
+            "frostline reads weights as safetensors or with torch.load(weights_only=True) and never runs code from "
+            "the folder (no trust_remote_code)"
+        ) from err
+
+
+def _open_text_model(name: str, folder: Path, num_classes: int | None) -> ModelSource:
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-    folder = resolve_folder(name)
     notes = []
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(folder)
