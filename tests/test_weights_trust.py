@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 from frostline import ModelRefError, open_model
 from frostline.sources import vision
-from frostline.sources.vision import check_hash_prefix, load_torchvision_weights, read_weights
+from frostline.sources.vision import load_torchvision_weights
+from frostline.sources.weights import check_hash_prefix, read_weights
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
