@@ -2,6 +2,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 from frostline.errors import FreezeSpecError
 from frostline.freeze import FreezeSpec, freeze, is_held_in_eval, plan_freeze
@@ -69,11 +70,32 @@ def test_spec_from_dict():
         ("", "empty freeze spec"),
         ("train=", "at least one pattern"),
         ("last:1;bn=frozen", "bn=frozen is not a BatchNorm policy"),
+        ("last:1;bn=train;bn=fixed", "sets bn twice"),
+        ("last:\u00b2", "whole number"),
+        ("last:" + "9" * 5000, "5,000-digit N is no block count"),
     ],
 )
 def test_malformed_specs_are_named(text, message):
     with pytest.raises(FreezeSpecError, match=message):
         FreezeSpec.parse(text)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"mode": "head", "n": 2}, "n is the N of last:N; mode 'head' takes none"),
+        ({"mode": "from", "path": "blocks 1"}, "needs a path without spaces"),
+        ({"mode": "from", "path": 3}, "needs the path of a block"),
+        ({"mode": "train", "globs": ["head.*,stem"]}, "patterns without spaces, ';' or ','"),
+        ({"mode": "train", "globs": 5}, "needs at least one pattern"),
+        ({"mode": "last", "n": 1, "globs": ["stem"]}, "mode 'last' takes none"),
+        ({1: "head", "layers": 2}, r"unknown freeze spec keys \[1, 'layers'\]"),
+    ],
+)
+def test_malformed_spec_dicts_are_named(values, message):
+    # a dict spec that parsed would print as a string that reads back differently, or not at all
+    with pytest.raises(FreezeSpecError, match=message):
+        FreezeSpec.parse(values)
 
 
 def test_head_trains_only_the_head(tiny_cnn):
@@ -228,3 +250,193 @@ def test_batchnorm_frozen_inside_a_partly_trainable_entry_is_held(tiny_cnn):
     model.train()
     model(x)
     assert not model.blocks[2][1].training and model.blocks[2][0].training
+
+
+class SpareBranch(nn.Module):
+    """Four repeated blocks, the last of which forward() never calls (a branch this input does not take)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, 8)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(4)])
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks[:3]:
+            x = block(x)
+        return self.head(x)
+
+
+class ThroughChildren(nn.Module):
+    """HRNet in miniature: fuse units are ModuleLists (never called themselves) and downsamplers run
+    through .forward(), which fires no hook of their own; dropout runs before every block."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8, 2)
+        self.stem = nn.Linear(4, 8)
+        self.drop = nn.Dropout(0.5)
+        self.fuse = nn.ModuleList([nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)]) for _ in range(2)])
+        self.down = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Tanh()) for _ in range(2)])
+
+    def forward(self, x):
+        x = self.drop(self.stem(x))
+        for pair, down in zip(self.fuse, self.down, strict=True):
+            x = pair[0](x) + pair[1](x)
+            x = down.forward(x)
+        return self.head(x)
+
+
+def _trained(plan):
+    return {e.path for e in plan.entries if e.trainable_tensors_after}
+
+
+def test_last_n_counts_only_blocks_that_ran_and_leaves_an_unused_branch_frozen():
+    torch.manual_seed(0)
+    model, x = SpareBranch(), torch.randn(6, 4)
+    model_map = inspect_model(model, x)
+
+    assert [(b.path, b.called) for b in model_map.blocks] == [
+        ("blocks.0", True),
+        ("blocks.1", True),
+        ("blocks.2", True),
+        ("blocks.3", False),
+    ]
+    assert _trained(plan_freeze(model, "last:1", model_map)) == {"blocks.2", "head"}
+    assert _trained(plan_freeze(model, "last:0", model_map)) == {"head"}
+    assert _trained(plan_freeze(model, "last:3", model_map)) == {
+        "blocks.0",
+        "blocks.1",
+        "blocks.2",
+        "head",
+    }
+    assert _trained(plan_freeze(model, "from:blocks", model_map)) == {
+        "blocks.0",
+        "blocks.1",
+        "blocks.2",
+        "head",
+    }
+    # by name, the unused branch trains or freezes like any other entry
+    assert _trained(plan_freeze(model, "train=blocks.3", model_map)) == {"blocks.3"}
+    assert "blocks.3" not in _trained(plan_freeze(model, "freeze=blocks.3", model_map))
+    assert plan_freeze(model, "none", model_map).trainable == {n for n, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            "last:4",
+            r"last:4 asks for 4 blocks, but the model has 3 \(blocks.0, blocks.1, blocks.2\); 1 more never ran "
+            r"in the example forward pass \(blocks.3\) and are not counted.*use last:3",
+        ),
+        ("from:blocks.3", r"from:blocks.3 names blocks.3, which never ran.*train=blocks.3,head"),
+    ],
+)
+def test_specs_that_need_an_unused_branch_in_forward_order_are_named(spec, message):
+    torch.manual_seed(0)
+    model, x = SpareBranch(), torch.randn(6, 4)
+    before = _snapshot(model)
+
+    with pytest.raises(FreezeSpecError, match=message):
+        freeze(model, spec, example_batch=x)
+
+    assert _snapshot(model) == before
+
+
+def test_last_n_when_no_block_ran_is_an_error():
+    class Bypass(SpareBranch):
+        def forward(self, x):
+            return self.head(self.stem(x))
+
+    model = Bypass()
+    with pytest.raises(FreezeSpecError, match="none of the model's 4 blocks ran in the example forward pass"):
+        freeze(model, "last:0", example_batch=torch.randn(2, 4))
+
+
+def test_frozen_tensors_stay_put_and_trainable_ones_move_with_an_unused_branch():
+    torch.manual_seed(0)
+    model, x, y = SpareBranch(), torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 0, 1])
+    plan = freeze(model, "last:1", example_batch=x)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    assert plan.trainable == {"blocks.2.0.weight", "blocks.2.0.bias", "head.weight", "head.bias"}
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]) is (name not in plan.trainable), name
+
+
+def test_units_that_run_only_through_their_children_are_called_and_in_forward_order():
+    torch.manual_seed(0)
+    model, x = ThroughChildren(), torch.randn(6, 4)
+    model_map = inspect_model(model, x)
+
+    assert [(e.path, e.kind, e.called) for e in model_map.entries] == [
+        ("stem", "stem", True),
+        ("fuse.0", "block", True),
+        ("down.0", "block", True),
+        ("fuse.1", "block", True),
+        ("down.1", "block", True),
+        ("head", "head", True),
+    ]
+    assert _trained(plan_freeze(model, "last:2", model_map)) == {"fuse.1", "down.1", "head"}
+    # dropout before the first trainable block is held in eval, though that block fires no hook of its own
+    plan = freeze(model, "last:1", model_map)
+    assert plan.held_in_eval == ("stem", "fuse.0", "down.0", "fuse.1", "drop")
+    stats = model.down[0][1].running_mean.clone()
+
+    model.train()
+    model(x)
+
+    # held entries that never run themselves stay in eval: the frozen BatchNorm keeps its statistics
+    assert not any(m.training for path in plan.held_in_eval for m in model.get_submodule(path).modules())
+    assert torch.equal(model.down[0][1].running_mean, stats)
+    assert model.down[1].training and model.down[1][1].training
+
+
+@pytest.mark.slow
+def test_hrnet_last2_trains_its_last_blocks_and_head_and_frozen_tensors_stay_put():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("hrnet_w18_small", pretrained=False, num_classes=5)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 3])
+    model_map = inspect_model(model, x)
+
+    assert all(e.called for e in model_map.entries)
+    assert [b.path for b in model_map.blocks[-4:]] == [
+        "incre_modules.2",
+        "downsamp_modules.1",
+        "incre_modules.3",
+        "downsamp_modules.2",
+    ]
+    plan = freeze(model, "last:2", model_map)
+    expected = {
+        n
+        for path in ("incre_modules.3", "downsamp_modules.2", "final_layer", "classifier")
+        for n in model_map.entry(path).param_names
+    }
+    assert plan.trainable == expected
+    assert 0 < plan.trainable_tensors < plan.tensors
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    model.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    for name, param in model.named_parameters():
+        if name in expected:
+            assert not torch.equal(param, before[name]), f"{name} is trainable and did not move"
+        else:
+            assert torch.equal(param, before[name]), f"{name} is frozen and moved"
+    frozen_norms = tuple(p + "." for p in plan.held_in_eval)
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers() if n.startswith(frozen_norms))

@@ -313,7 +313,7 @@ def _build(cls: type, values: Any, path: str, problems: list[str]) -> Any:
             try:
                 value = float(value)
             except OverflowError:
-                problem = f"{path}.{key} is too large a number, got {value:.3g}"
+                problem = f"{path}.{key} is too large a number (above 1.8e308)"
         if problem:
             problems.append(problem)
             continue

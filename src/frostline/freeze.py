@@ -323,15 +323,15 @@ def freeze(
     return plan
 
 
+@dataclass(eq=False)
 class _Hold:
     """A forward pre-hook that puts a frozen module back in eval mode: model.train() flips every submodule
     to train mode, and frozen modules must not drop out or (bn=eval) update BatchNorm statistics."""
 
-    def __init__(self, module: nn.Module, bn_train: bool):
-        self.module = module
-        """The held module; the hook may sit on modules inside it (see `_hook_targets`)."""
-        self.bn_train = bn_train
-        """bn=train: BatchNorm inside the held module keeps training mode."""
+    module: nn.Module
+    """The held module; the hook may sit on modules inside it (see `_hook_targets`)."""
+    bn_train: bool
+    """bn=train: BatchNorm inside the held module keeps training mode."""
 
     def __call__(self, hooked: nn.Module, args: Any) -> None:
         if self.module.training:
@@ -450,8 +450,7 @@ def _select(spec: FreezeSpec, model_map: ModelMap, params: dict[str, nn.Paramete
         return biases | set(model_map.entry(model_map.head).param_names)
     if spec.mode == "last":
         start = _start_of_last(spec.n, called, model_map)
-        # the head always trains under last:N, even when the trace placed it before a block
-        return {n for e in called[start:] for n in e.param_names} | set(model_map.entry(model_map.head).param_names)
+        return {n for e in called[start:] for n in e.param_names}
     if spec.mode == "from":
         start = _start_of(spec.path, called, model_map)
         return {n for e in called[start:] for n in e.param_names}
