@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from frostline.errors import ConfigError, FreezeSpecError
-from frostline.freeze import FreezeSpec
+from frostline.freeze_spec import FreezeSpec
 from frostline.optim import SCHEDULES
 from frostline.transforms import Augment
 
