@@ -44,8 +44,10 @@ def plan_cache(mode: str, model: nn.Module, model_map: ModelMap, plan: FreezePla
     held = held_in_eval(model)
     order = list(model_map.call_order)
     boundary = entries[first].path
-    if boundary in order:
-        for path in order[: order.index(boundary)]:
+    # where the boundary first runs: its own call, or the first module inside it (a ModuleList is never called)
+    starts = [i for i, path in enumerate(order) if path == boundary or path.startswith(boundary + ".")]
+    if starts:
+        for path in order[: starts[0]]:
             module = model.get_submodule(path) if path else model
             ancestors_held = any(path == h or path.startswith(h + ".") for h in held)
             if path and not ancestors_held and next(module.children(), None) is None and _stochastic(module):
