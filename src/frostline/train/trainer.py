@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -130,6 +131,8 @@ class Trainer:
         self.stage_plans: dict[str, dict[str, Any]] = {}
         self.cache_dtype = torch.bfloat16 if config.run.cache_dtype == "bf16" else torch.float32
         self.cache: FeatureCache | None = None
+        self.resized_stage: int | None = None
+        """The stage in progress whose number of epochs was changed on resume, if any."""
 
     # ---- set-up -------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -269,8 +272,9 @@ class Trainer:
         """The settings changed since the run was started, when all are safe to change now.
 
         Safe by construction: anything about stages that have not begun (more epochs, another rate, another
-        spec, added stages) and how the run uses the machine (threads, the cache's memory budget). Anything else
-        would make the resumed run differ from every uninterrupted one.
+        spec, added stages), how the run uses the machine (threads, the cache's memory budget), and the number of
+        epochs of the stage in progress (not fewer than it has run): its schedule is rebuilt for the new length and
+        continues from the step reached. Anything else would change what the run has already done.
 
         Raises:
             ConfigError: listing each unsafe change with its old and new value.
@@ -278,7 +282,14 @@ class Trainer:
         saved = with_resolved_paths(config_from_dict(json.loads((folder / "config.json").read_text(encoding="utf-8"))))
         changes = [c for c in config_changes(saved, self.config) if c[0] not in ("run.output", "run.name")]
         begun = position["stage"] + (1 if position["epoch"] > 0 else 0)
-        unsafe = [c for c in changes if not _safe_change(c[0], begun)]
+        resized = f"stages.{position['stage']}.epochs"
+        unsafe = [
+            c
+            for c in changes
+            if not _safe_change(c[0], begun) and not (c[0] == resized and isinstance(c[2], int) and c[2] >= position["epoch"])
+        ]
+        if any(c[0] == resized for c in changes) and position["epoch"] > 0:
+            self.resized_stage = position["stage"]
         if unsafe:
             lines = [f"  {key}: {old!r} -> {new!r}" for key, old, new in unsafe]
             raise ConfigError(
@@ -287,7 +298,8 @@ class Trainer:
                     f"done ({begun} stage(s) begun):",
                     *lines,
                     "keep them as they were to resume, or start a new run with these settings (another --output); "
-                    "settings of stages not begun yet and run.threads may change on resume",
+                    "on resume, settings of stages not begun yet, the epochs of the stage in progress, and "
+                    "run.threads may change",
                 ]
             )
         for key, old, new in changes:
@@ -316,8 +328,15 @@ class Trainer:
         guard = FreezeGuard(self.model, plan)
         self.stage_plans[stage.name] = plan.to_dict()
         if checkpoint is not None and checkpoint["optimizer"] is not None and first_epoch > 0:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            schedule.load_state_dict(checkpoint["schedule"])
+            if index == self.resized_stage:
+                # the stage's length changed on resume: its schedule is the one for the new length, at the step reached
+                rates = _advance(schedule, int(checkpoint["schedule"].get("last_epoch", first_epoch * steps_per_epoch)))
+                optimizer.load_state_dict(checkpoint["optimizer"])
+                for group, rate in zip(optimizer.param_groups, rates, strict=True):
+                    group["lr"] = rate
+            else:
+                optimizer.load_state_dict(checkpoint["optimizer"])
+                schedule.load_state_dict(checkpoint["schedule"])
         self.reporter.stage_start(index, stage, plan, findings)
         forward, modules, batches, val_batches, cached = self._stage_inputs(plan, batches)
         if checkpoint is not None:
@@ -560,6 +579,16 @@ def _safe_change(key: str, begun: int) -> bool:
         return True
     parts = key.split(".")
     return parts[0] == "stages" and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) >= begun
+
+
+def _advance(schedule: Any, steps: int) -> list[float]:
+    """Step a fresh schedule `steps` times (no optimizer step between) and return the rates it reached."""
+    with warnings.catch_warnings():
+        # stepping a schedule before its optimizer is exactly what fast-forwarding means here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            schedule.step()
+    return [group["lr"] for group in schedule.optimizer.param_groups]
 
 
 def _as_float(features: Any) -> Any:
