@@ -4,17 +4,7 @@ Early blocks hold general features (edges, textures, syntax) and stay frozen; th
 the head learn the task. A spec names what trains; it is resolved on the model's `ModelMap` into a
 `FreezePlan` before anything changes, so an invalid spec leaves the model untouched.
 
-Spec strings (clauses separated by ";" or spaces):
-    head             the head only (linear probe)
-    last:N           the last N blocks and everything after them (final norm, pooler, head)
-    from:PATH        the entry PATH and everything after it in forward order
-    none             everything (full fine-tuning)
-    bitfit           every bias, and the head
-    train=GLOB,...   only the parameters (or entries) matching a glob
-    freeze=GLOB,...  everything but the parameters (or entries) matching a glob
-    bn=eval|train    frozen BatchNorm keeps its running statistics (eval, the default) or updates them
-    bn=fixed         every BatchNorm, trainable ones too, normalises with its running statistics (its
-                     scale and shift still train): batch statistics of small fine-tuning batches are noisy
+The spec forms (head, last:N, from:PATH, none, bitfit, train=/freeze= globs, bn=...) are listed in freeze_spec.py.
 
 `last:N` and `from:PATH` count in forward order, so they see only the entries the example forward pass
 ran (an unused branch, a block skipped by this input): those have no place in that order and get no
