@@ -117,3 +117,11 @@ def test_the_split_leaves_every_class_a_training_example():
         train, val = stratified_split(labels, fraction, seed=0)
         assert 20 in train and 20 not in val
         assert {labels[i] for i in train} == {0, 1, 2}
+
+
+def test_a_byte_order_mark_and_spaces_around_labels_do_not_make_columns_or_classes(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufefftext,label\nup,sports\ndown,sports \nleft, tech\n".encode())
+    data = open_text_data(str(path))
+    assert data.label_names == ["sports", "tech"] and data.labels == [0, 0, 1]
+    assert data.notes == ("2 label(s) had spaces around them, read without",)

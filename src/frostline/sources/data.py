@@ -8,6 +8,7 @@ PATH.jsonl         one JSON object per line, with a text field and a label field
 
 from __future__ import annotations
 
+import codecs
 import csv
 import difflib
 import hashlib
@@ -156,8 +157,10 @@ NAN_LIKE = frozenset({"", "nan", "na", "n/a", "null", "none", "<na>", "nat"})
 
 def _decode(path: Path, encoding: str) -> str:
     raw = path.read_bytes()
+    # spreadsheets save UTF-8 with a byte-order mark, which would otherwise become part of the first column's name
+    codec = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
     try:
-        return raw.decode(encoding)
+        return raw.decode(codec)
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise ConfigError(
@@ -257,7 +260,11 @@ def read_text_file(
         notes.append(f"left out {' and '.join(found)} (data.skip_bad_rows)")
     bad = set(blank_texts) | set(blank_labels)
     kept = [r for n, r in rows if n not in bad]
-    values = [str(r[label_column]) for r in kept]
+    values = [str(r[label_column]).strip() for r in kept]
+    padded = sum(str(r[label_column]) != v for r, v in zip(kept, values, strict=True))
+    if padded:
+        # "sports " and "sports" are one class, not two
+        notes.append(f"{padded:,d} label(s) had spaces around them, read without")
     names = sorted(
         set(values), key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v)
     )
