@@ -132,3 +132,18 @@ def test_overrides_that_name_no_setting_are_config_errors(item):
 
 def test_an_override_that_is_not_yaml_is_taken_as_written():
     assert apply_overrides(FitConfig(), ["data.ref=[unclosed"]).data.ref == "[unclosed"
+
+
+def test_paths_are_stored_absolute_and_built_in_names_never_become_paths(tmp_path, monkeypatch):
+    from frostline.config import with_resolved_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "minilm").mkdir()
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "my.csv").write_text("text,label\n")
+    (tmp_path / "bert").mkdir()
+    config = apply_overrides(FitConfig(), ["data.ref=my.csv", "data.val_ref=mnist"])
+    resolved = with_resolved_paths(config)
+    assert resolved.data.ref == str(tmp_path / "my.csv") and resolved.data.val_ref == "mnist"
+    assert resolved.model.ref == "hf:minilm"
+    assert with_resolved_paths(apply_overrides(FitConfig(), ["model.ref=hf:bert"])).model.ref == f"hf:{tmp_path / 'bert'}"

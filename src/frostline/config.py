@@ -441,7 +441,8 @@ def with_resolved_paths(config: FitConfig) -> FitConfig:
         return str(path.resolve()) if path.exists() else ref
 
     model_ref = config.model.ref
-    if model_ref.startswith("hf:") and Path(model_ref[3:]).expanduser().is_dir():
+    # hf:minilm names the bundled package (sources/text.py BUNDLED), never a folder of that name
+    if model_ref.startswith("hf:") and model_ref != "hf:minilm" and Path(model_ref[3:]).expanduser().is_dir():
         model_ref = "hf:" + str(Path(model_ref[3:]).expanduser().resolve())
     return dataclasses.replace(
         config,
