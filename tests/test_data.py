@@ -125,3 +125,18 @@ def test_a_byte_order_mark_and_spaces_around_labels_do_not_make_columns_or_class
     data = open_text_data(str(path))
     assert data.label_names == ["sports", "tech"] and data.labels == [0, 0, 1]
     assert data.notes == ("2 label(s) had spaces around them, read without",)
+
+
+def test_validation_examples_that_copy_training_ones_are_named(tmp_path):
+    from frostline.config import DataConfig
+    from frostline.dataset import prepare_data
+
+    rows = [f"text {i % 10} here,{'ab'[i % 2]}" for i in range(40)]
+    (tmp_path / "dup.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+
+    def tokenizer(texts, **kwargs):
+        return {"input_ids": torch.zeros(len(texts), 4, dtype=torch.long)}
+
+    tokenizer.model_max_length = 512
+    prepared = prepare_data(DataConfig(ref=str(tmp_path / "dup.csv"), max_length=4), tokenizer, seed=0)
+    assert any(n.startswith("warning: 8 of 8 validation examples are exact copies of training examples") for n in prepared.notes)

@@ -100,6 +100,7 @@ def prepare_data(
         )
     check_max_length(config.max_length, tokenizer)
     train, val, split = _split(read_text(config), config, seed)
+    found = split.pop("notes", [])
     return PreparedData(
         train_inputs=encode_texts(tokenizer, train.texts, config.max_length),
         train_labels=torch.tensor(train.labels),
@@ -107,7 +108,7 @@ def prepare_data(
         val_labels=torch.tensor(val.labels),
         label_names=train.label_names,
         origin=train.origin,
-        notes=_notes(train, val, config),
+        notes=_notes(train, val, config) + found,
         **split,
     )
 
@@ -140,6 +141,7 @@ def _prepare_images(
 ) -> PreparedData:
     size, crop_pct, transform = image_settings(config, tokenizer, preprocess)
     train, val, split = _split(lambda ref: open_image_data(ref, size, crop_pct, progress), config, seed)
+    found = split.pop("notes", [])
     augment = Augment.parse(config.augment, config.crop_scale)
     return PreparedData(
         train_inputs=train.images,
@@ -148,7 +150,7 @@ def _prepare_images(
         val_labels=torch.tensor(val.labels),
         label_names=train.label_names,
         origin=train.origin,
-        notes=_notes(train, val, config) + ([f"training augmentation: {augment}"] if augment else []),
+        notes=_notes(train, val, config) + found + ([f"training augmentation: {augment}"] if augment else []),
         train_transform=dataclasses.replace(transform, augment=augment),
         val_transform=transform,
         **split,
@@ -212,7 +214,23 @@ def _split(read: Any, config: DataConfig, seed: int) -> tuple[Any, Any, dict[str
         raise ConfigError(
             f"the validation split is empty; raise data.val_fraction (now {config.val_fraction}) or add data"
         )
+    copies = _copies(train, val)
+    if copies:
+        record["notes"] = [
+            f"warning: {copies:,d} of {len(val):,d} validation examples are exact copies of training examples "
+            "(duplicates in the data, or a validation file that overlaps the training one); they flatter validation "
+            "accuracy: remove the duplicates"
+        ]
     return train, val, record
+
+
+def _copies(train: Any, val: Any) -> int:
+    """How many validation examples are exact copies of a training example (texts, or decoded image bytes)."""
+    if hasattr(train, "texts"):
+        seen = {text.strip() for text in train.texts}
+        return sum(text.strip() in seen for text in val.texts)
+    seen = {hash(image.numpy().tobytes()) for image in train.images}
+    return sum(hash(image.numpy().tobytes()) in seen for image in val.images)
 
 
 def validation_subset(data: Any, config: DataConfig, fingerprint: str, val_indices: list[int]) -> Any:

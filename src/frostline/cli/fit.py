@@ -76,7 +76,7 @@ class RichReporter:
         self.task: Any = None
 
     def note(self, message: str) -> None:
-        color = "yellow" if "RANDOM" in message else "dim"
+        color = "yellow" if "RANDOM" in message or message.startswith("warning") else "dim"
         self.console.print(f"[{color}]{message}[/]", highlight=False)
 
     def stage_start(self, index: int, stage: StageConfig, plan: FreezePlan, findings: list[Finding]) -> None:
