@@ -181,8 +181,8 @@ class ClockReporter(SilentReporter):
     def epoch_start(self, stage: StageConfig, epoch: int, batches: int) -> None:
         self.clock.start()
 
-    def epoch_end(self, record: dict[str, Any], diagnosis: Any) -> None:
-        self.clock.stop(record["stage"], record["val_accuracy"])
+    def epoch_end(self, record: Any, diagnosis: Any) -> None:
+        self.clock.stop(record.stage, record.val_accuracy)
 
 
 def outcome(clock: EpochClock, started: float, accuracy: float, **extra: Any) -> dict[str, Any]:
@@ -216,9 +216,9 @@ def run_frostline(
         started,
         result.best_val_accuracy,
         stop_reason=result.stop_reason,
-        cache_seconds=sum(r["cache_seconds"] for r in result.history),
-        cached=sorted({r["cache"] for r in result.history if r["cache"]}),
-        loop_seconds=[r["train_seconds"] + r["eval_seconds"] for r in result.history],
+        cache_seconds=sum(r.cache_seconds for r in result.history),
+        cached=sorted({r.cache for r in result.history if r.cache}),
+        loop_seconds=[r.train_seconds + r.eval_seconds for r in result.history],
     )
 
 

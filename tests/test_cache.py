@@ -53,14 +53,14 @@ def test_sequential_head_and_last2_stages_match_with_the_cache_on_and_off():
     on, result_on = _fit("auto")
     off, result_off = _fit("off")
 
-    assert [r["cache"] for r in result_on.history] == ["inputs of the head 7"] * 2 + ["inputs of 2"] * 2
-    assert all(r["cache"] is None for r in result_off.history)
+    assert [r.cache for r in result_on.history] == ["inputs of the head 7"] * 2 + ["inputs of 2"] * 2
+    assert all(r.cache is None for r in result_off.history)
     # same seed, same batch order, same arithmetic on the trainable part: only float rounding may differ,
     # since the cached features were computed in batches of 64 instead of 32
     for a, b in zip(result_on.history, result_off.history, strict=True):
-        assert a["val_accuracy"] == b["val_accuracy"]
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a.val_accuracy == b.val_accuracy
+        assert a.val_loss == pytest.approx(b.val_loss, rel=1e-5)
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
     for (name, p), q in zip(on.model.named_parameters(), off.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -82,12 +82,12 @@ def test_minilm_head_and_last2_match_with_the_cache_on_and_off():
             write=False
         )
     on, off = results["auto"].history, results["off"].history
-    assert on[0]["cache"] == "inputs of the head classifier"
-    assert on[1]["cache"].startswith("inputs of encoder.encoder.layer.4")
+    assert on[0].cache == "inputs of the head classifier"
+    assert on[1].cache.startswith("inputs of encoder.encoder.layer.4")
     for a, b in zip(on, off, strict=True):
-        assert a["val_accuracy"] == b["val_accuracy"]
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a.val_accuracy == b.val_accuracy
+        assert a.val_loss == pytest.approx(b.val_loss, rel=1e-4)
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4)
 
 
 def _planned(model, spec, augment=False, mode="auto"):
@@ -127,7 +127,7 @@ def test_a_model_that_changes_its_head_output_is_not_cached():
             return self.classifier(self.body(x)) * 2
 
     trainer, result = _fit("auto", model_factory=Scaled, stages=[StageConfig(freeze="head", epochs=1)])
-    assert result.history[0]["cache"] is None
+    assert result.history[0].cache is None
 
 
 def test_the_fingerprint_changes_with_frozen_weights_data_and_boundary():
@@ -163,7 +163,7 @@ def test_a_cache_over_the_memory_budget_is_memory_mapped_from_the_run_folder(tmp
     result = Trainer(config, source=source, data=_digits()).fit()
     files = list((tmp_path / "run" / "cache").glob("*.pt"))
     assert len(files) == 2
-    assert result.history[0]["cache"] == "inputs of the head 7"
+    assert result.history[0].cache == "inputs of the head 7"
 
 
 @pytest.mark.parametrize(

@@ -160,11 +160,11 @@ def test_augmentation_turns_the_feature_cache_off_with_the_reason_and_none_keeps
     root = _write_images(tmp_path / "pets")
 
     augmented, notes = _fit_images(root, "crop")
-    assert all(r["cache"] is None for r in augmented.history)
+    assert all(r.cache is None for r in augmented.history)
     assert "feature cache: off: the data has random augmentation" in "\n".join(notes)
 
     plain, notes = _fit_images(root, "none")
-    assert all(r["cache"] == "inputs of the head head" for r in plain.history)
+    assert all(r.cache == "inputs of the head head" for r in plain.history)
 
 
 def test_the_fingerprint_changes_with_the_image_transform():

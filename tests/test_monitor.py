@@ -1,9 +1,20 @@
+from frostline.recipe import EpochRecord
 from frostline.train.monitor import OverfitMonitor
 
 
 def _history(train, val_loss, val_acc, stages=None):
+    stages = stages or ["s"] * len(train)
     return [
-        {"epoch": i + 1, "train_loss": t, "val_loss": v, "val_accuracy": a, "stage": (stages or ["s"] * len(train))[i]}
+        EpochRecord(
+            epoch=i + 1,
+            stage=stages[i],
+            stage_index=sorted(set(stages), key=stages.index).index(stages[i]),
+            stage_epoch=1 + stages[:i].count(stages[i]),
+            freeze="head",
+            train_loss=t,
+            val_loss=v,
+            val_accuracy=a,
+        )
         for i, (t, v, a) in enumerate(zip(train, val_loss, val_acc, strict=True))
     ]
 

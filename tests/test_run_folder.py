@@ -145,7 +145,7 @@ def test_resume_applies_changes_to_stages_not_begun_and_refuses_the_rest(tmp_pat
     more = _config(folder)
     more.stages[1].epochs = 3
     result = Trainer(more).fit(resume=folder)
-    assert [r["stage"] for r in result.history] == ["head", "last1", "last1", "last1"]
+    assert [r.stage for r in result.history] == ["head", "last1", "last1", "last1"]
     resumed = json.loads((folder / "run.json").read_text())["resumed"]
     assert resumed == [{"at": "stage 2, epoch 1", "changes": [["stages.1.epochs", 2, 3]]}]
     assert json.loads((folder / "config.json").read_text())["stages"][1]["epochs"] == 3
@@ -154,7 +154,7 @@ def test_resume_applies_changes_to_stages_not_begun_and_refuses_the_rest(tmp_pat
 def test_the_stage_in_progress_can_be_given_more_epochs_on_resume(tmp_path):
     class StopAfterSecond(SilentReporter):
         def epoch_end(self, record, diagnosis):
-            if record["epoch"] == 2:
+            if record.epoch == 2:
                 raise KeyboardInterrupt
 
     longer = _config(tmp_path / "straight")
@@ -168,11 +168,11 @@ def test_the_stage_in_progress_can_be_given_more_epochs_on_resume(tmp_path):
     more.stages[1].epochs = 3
     resumed = Trainer(more).fit(resume=folder)
 
-    assert [r["stage"] for r in resumed.history] == ["head", "last1", "last1", "last1"]
+    assert [r.stage for r in resumed.history] == ["head", "last1", "last1", "last1"]
     # the rebuilt schedule continues at the step reached: the rates of the epochs after the resume are those of a
     # run planned with 3 epochs from the start
-    for name, rates in straight.history[3]["lr_trace"].items():
-        assert resumed.history[3]["lr_trace"][name] == pytest.approx(rates, rel=1e-9)
+    for name, rates in straight.history[3].lr_trace.items():
+        assert resumed.history[3].lr_trace[name] == pytest.approx(rates, rel=1e-9)
     assert json.loads((folder / "run.json").read_text())["resumed"][0]["changes"] == [["stages.1.epochs", 2, 3]]
     with pytest.raises(ConfigError, match=r"stages.1.epochs: 3 -> 1"):
         fewer = _config(folder)

@@ -33,7 +33,7 @@ def test_stages_change_what_trains_and_frozen_tensors_never_move(tmp_path):
 
     assert result.stage_plans["head"]["trainable_tensors"] == 2
     assert result.stage_plans["last1"]["trainable_tensors"] == 4
-    assert [r["trainable_params"] for r in result.history] == [490, 490, 490 + 48 * 48 + 48, 490 + 48 * 48 + 48]
+    assert [r.trainable_params for r in result.history] == [490, 490, 490 + 48 * 48 + 48, 490 + 48 * 48 + 48]
     final = trainer.model
     # features.0 was frozen in every stage: bit-identical to its initialisation
     assert torch.equal(final.features[0].weight, initial.features[0].weight)
@@ -46,12 +46,12 @@ def test_stages_change_what_trains_and_frozen_tensors_never_move(tmp_path):
 
 def test_optimizer_and_schedule_are_rebuilt_per_stage(tmp_path):
     result = Trainer(_config(tmp_path)).fit()
-    first, second = result.history[0]["lr"], result.history[2]["lr"]
+    first, second = result.history[0].lr, result.history[2].lr
 
     assert set(first) == {"classifier"}
     assert set(second) == {"features.3", "classifier"}
     # stage 2 starts a fresh warm-up at its own rates, keeping the 3x head / 0.5 block ratio
-    trace = result.history[2]["lr_trace"]
+    trace = result.history[2].lr_trace
     assert trace["classifier"][0] < trace["classifier"][-1] or trace["classifier"][0] < 3e-3
     assert trace["classifier"][0] / trace["features.3"][0] == pytest.approx(6.0)
 
@@ -76,7 +76,7 @@ class _KillAfter(SilentReporter):
         self.epoch = epoch
 
     def epoch_end(self, record, diagnosis):
-        if record["epoch"] == self.epoch:
+        if record.epoch == self.epoch:
             raise KeyboardInterrupt
 
 
@@ -96,9 +96,9 @@ def test_resume_after_a_kill_reaches_the_same_final_weights(tmp_path, kill_after
     best_a = load_file(str(tmp_path / "a" / "run" / "best.safetensors"))
     best_b = load_file(str(tmp_path / "b" / "run" / "best.safetensors"))
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
-    assert [r["val_loss"] for r in straight.history] == [r["val_loss"] for r in resumed.history]
+    assert [r.val_loss for r in straight.history] == [r.val_loss for r in resumed.history]
     assert len((tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()) == 4
-    assert [r["freeze"] for r in resumed.history] == ["head", "head", "last:1", "last:1"]
+    assert [r.freeze for r in resumed.history] == ["head", "head", "last:1", "last:1"]
 
 
 def test_overfitting_is_named_stops_the_run_and_keeps_the_best_weights(tmp_path):
@@ -115,7 +115,7 @@ def test_overfitting_is_named_stops_the_run_and_keeps_the_best_weights(tmp_path)
     assert result.overfit_began <= len(result.history)
     assert result.best_epoch < len(result.history)
     last = result.history[-1]
-    assert last["train_loss"] < result.history[result.best_epoch - 1]["train_loss"]
+    assert last.train_loss < result.history[result.best_epoch - 1].train_loss
     # the model now holds the best epoch's weights, not the last epoch's
     from frostline.train.loop import evaluate, model_forward
 
@@ -157,7 +157,7 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
     one.fit()
     two.fit()
 
-    assert one.history[0]["steps"] == two.history[0]["steps"] == 30
+    assert one.history[0].steps == two.history[0].steps == 30
     torch.testing.assert_close(one.model.classifier.weight, two.model.classifier.weight, rtol=1e-5, atol=1e-6)
 
 
@@ -206,12 +206,12 @@ def test_overfitting_of_the_head_alone_ends_its_stage_and_the_next_stage_adapts_
         StageConfig(name="last1", freeze="last:1", epochs=2, lr=1e-3),
     ]
     trainer = Trainer(_config(tmp_path, stages=stages))
-    trainer.monitor = _HeadOverfitsAtEpoch2(patience=5)
+    trainer.recipe.monitor = _HeadOverfitsAtEpoch2(patience=5)
     seen = []
     trainer.reporter.epoch_end = lambda record, diagnosis: seen.append(diagnosis)
     result = trainer.fit()
 
-    assert [r["stage"] for r in result.history] == ["head", "head", "last1", "last1"]
+    assert [r.stage for r in result.history] == ["head", "head", "last1", "last1"]
     assert result.stop_reason == "every stage done (head: overfitting after 2 of 3 epochs; last1: all 2 epochs)"
     assert "stage 'last1' (last:1) adapts them next" in seen[1].message and seen[1].advice == []
 
@@ -219,7 +219,7 @@ def test_overfitting_of_the_head_alone_ends_its_stage_and_the_next_stage_adapts_
 def test_overfitting_of_the_head_in_the_last_stage_stops_the_run(tmp_path):
     stages = [StageConfig(name="head", freeze="head", epochs=3, lr=1e-2)]
     trainer = Trainer(_config(tmp_path, stages=stages))
-    trainer.monitor = _HeadOverfitsAtEpoch2(patience=5)
+    trainer.recipe.monitor = _HeadOverfitsAtEpoch2(patience=5)
     result = trainer.fit()
 
     assert len(result.history) == 2

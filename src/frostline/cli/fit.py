@@ -22,6 +22,7 @@ from frostline.config import FitConfig, StageConfig, apply_overrides, load_confi
 from frostline.errors import ConfigError, FrostlineError
 from frostline.freeze import FreezePlan
 from frostline.guard import Finding
+from frostline.recipe import EpochRecord
 from frostline.report import plot_training, summary_table
 from frostline.train.monitor import Diagnosis
 from frostline.train.trainer import FitResult, Trainer
@@ -120,15 +121,15 @@ class RichReporter:
         if self.progress is not None:
             self.progress.update(self.task, completed=done, info=f"loss {loss:.4f}" if loss == loss else "")
 
-    def epoch_end(self, record: dict[str, Any], diagnosis: Diagnosis) -> None:
+    def epoch_end(self, record: EpochRecord, diagnosis: Diagnosis) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-        best = " [bold green]best[/]" if record.get("best") else ""
-        seconds = record["train_seconds"] + record["eval_seconds"]
+        best = " [bold green]best[/]" if record.best else ""
+        seconds = record.train_seconds + record.eval_seconds
         self.console.print(
-            f"epoch {record['epoch']:>2} [cyan]{record['stage']}[/]  train loss {record['train_loss']:.4f}  "
-            f"val loss {record['val_loss']:.4f}  val acc {100 * record['val_accuracy']:.2f}%  {seconds:.1f}s{best}",
+            f"epoch {record.epoch:>2} [cyan]{record.stage}[/]  train loss {record.train_loss:.4f}  "
+            f"val loss {record.val_loss:.4f}  val acc {100 * record.val_accuracy:.2f}%  {seconds:.1f}s{best}",
             highlight=False,
         )
         if diagnosis.verdict == "overfitting":

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from frostline.lr_finder import LRFinderResult
+from frostline.recipe import EpochRecord
 
 
 def _pyplot():
@@ -64,7 +65,7 @@ def plot_lr_find(result: LRFinderResult, path: str | Path, title: str = "learnin
 
 
 def plot_training(
-    history: list[dict[str, Any]],
+    history: list[EpochRecord],
     path: str | Path,
     best_epoch: int | None = None,
     overfit_began: int | None = None,
@@ -75,18 +76,18 @@ def plot_training(
     the epoch whose weights were kept, and where overfitting began, all marked."""
     plt = _pyplot()
     path = Path(path)
-    epochs = [r["epoch"] for r in history]
+    epochs = [r.epoch for r in history]
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(
         3, 1, figsize=(9, 9.5), dpi=110, sharex=True, gridspec_kw={"height_ratios": [3, 2.2, 1.8]}
     )
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", color="tab:blue", label="training loss")
-    ax_loss.plot(epochs, [r["val_loss"] for r in history], "s-", color="tab:orange", label="validation loss")
+    ax_loss.plot(epochs, [r.train_loss for r in history], "o-", color="tab:blue", label="training loss")
+    ax_loss.plot(epochs, [r.val_loss for r in history], "s-", color="tab:orange", label="validation loss")
     ax_acc.plot(
-        epochs, [100 * r["val_accuracy"] for r in history], "s-", color="tab:orange", label="validation accuracy"
+        epochs, [100 * r.val_accuracy for r in history], "s-", color="tab:orange", label="validation accuracy"
     )
     ax_acc.plot(
         epochs,
-        [100 * r["train_accuracy"] for r in history],
+        [100 * r.train_accuracy if r.train_accuracy is not None else float("nan") for r in history],
         "o--",
         color="tab:blue",
         alpha=0.6,
@@ -95,15 +96,15 @@ def plot_training(
 
     groups: dict[str, tuple[list[float], list[float]]] = {}
     for i, record in enumerate(history):
-        new_stage = i > 0 and record["stage"] != history[i - 1]["stage"]
-        for name, trace in record.get("lr_trace", {}).items():
+        new_stage = i > 0 and record.stage != history[i - 1].stage
+        for name, trace in record.lr_trace.items():
             xs, ys = groups.setdefault(name, ([], []))
             if new_stage and xs:
                 # a gap, so that a group's rate is not drawn across a stage boundary
-                xs.append(record["epoch"] - 0.5)
+                xs.append(record.epoch - 0.5)
                 ys.append(float("nan"))
             for k, lr in enumerate(trace):
-                xs.append(record["epoch"] - 1 + (k + 0.5) / len(trace) + 0.5)
+                xs.append(record.epoch - 1 + (k + 0.5) / len(trace) + 0.5)
                 ys.append(lr)
     for name, (xs, ys) in groups.items():
         if any(y > 0 for y in ys):
@@ -111,14 +112,14 @@ def plot_training(
     ax_lr.set_yscale("log")
 
     # stage boundaries and names
-    starts = [r for i, r in enumerate(history) if i == 0 or r["stage"] != history[i - 1]["stage"]]
+    starts = [r for i, r in enumerate(history) if i == 0 or r.stage != history[i - 1].stage]
     for record in starts:
-        x = record["epoch"] - 0.5
+        x = record.epoch - 0.5
         for ax in (ax_loss, ax_acc, ax_lr):
             if record is not history[0]:
                 ax.axvline(x, color="0.4", linestyle="--", linewidth=1)
         ax_loss.annotate(
-            f"stage {record['stage']}\n{record['trainable_params']:,d} trainable",
+            f"stage {record.stage}\n{record.trainable_params:,d} trainable",
             (x, 1),
             xycoords=("data", "axes fraction"),
             xytext=(4, -4),
@@ -144,16 +145,16 @@ def plot_training(
             ax.axvline(best_epoch, color="tab:green", linewidth=2, alpha=0.7)
         ax_acc.plot(
             [best_epoch],
-            [100 * best["val_accuracy"]],
+            [100 * best.val_accuracy],
             "*",
             color="tab:green",
             markersize=18,
             zorder=5,
-            label=f"kept: epoch {best_epoch}, {100 * best['val_accuracy']:.2f}%",
+            label=f"kept: epoch {best_epoch}, {100 * best.val_accuracy:.2f}%",
         )
         ax_acc.annotate(
-            f"best weights kept\nepoch {best_epoch} ({best['stage']})\n{100 * best['val_accuracy']:.2f}%",
-            (best_epoch, 100 * best["val_accuracy"]),
+            f"best weights kept\nepoch {best_epoch} ({best.stage})\n{100 * best.val_accuracy:.2f}%",
+            (best_epoch, 100 * best.val_accuracy),
             xytext=(10, -40),
             textcoords="offset points",
             color="tab:green",

@@ -6,6 +6,7 @@ from rich.table import Table
 
 from frostline.freeze import FreezePlan
 from frostline.inspect import ModelMap
+from frostline.recipe import EpochRecord
 from frostline.train.trainer import FitResult
 
 
@@ -63,23 +64,23 @@ def summary_table(result: FitResult) -> Table:
         ("time", "right"),
     ]:
         table.add_column(name, justify=justify, no_wrap=True)
-    stages: dict[str, list[dict]] = {}
+    stages: dict[str, list[EpochRecord]] = {}
     for record in result.history:
-        stages.setdefault(record["stage"], []).append(record)
+        stages.setdefault(record.stage, []).append(record)
     for name, records in stages.items():
         last = records[-1]
-        top = max(records, key=lambda r: r["val_accuracy"])
-        seconds = sum(r["train_seconds"] + r["eval_seconds"] + r.get("cache_seconds", 0.0) for r in records)
-        spec = result.stage_plans.get(name, {}).get("spec", last.get("freeze", ""))
+        top = max(records, key=lambda r: r.val_accuracy)
+        seconds = sum(r.train_seconds + r.eval_seconds + r.cache_seconds for r in records)
+        spec = result.stage_plans.get(name, {}).get("spec", last.freeze)
         kept = "[bold green]kept[/]" if result.best_stage == name else ""
         table.add_row(
             name,
             spec,
-            f"{last['trainable_params']:,d}",
+            f"{last.trainable_params:,d}",
             str(len(records)),
-            f"{last['train_loss']:.4f}",
-            f"{last['val_loss']:.4f}",
-            f"{100 * top['val_accuracy']:.2f}%",
+            f"{last.train_loss:.4f}",
+            f"{last.val_loss:.4f}",
+            f"{100 * top.val_accuracy:.2f}%",
             kept,
             f"{seconds:.1f}s",
         )

@@ -7,8 +7,12 @@ overfitting, and training on only makes it worse. When neither improves, trainin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from frostline.recipe import EpochRecord
 
 Verdict = Literal["improving", "plateau", "overfitting"]
 
@@ -50,7 +54,8 @@ class Diagnosis:
 class OverfitMonitor:
     """Compares the trend of the training loss with the validation metric and loss after each epoch.
 
-    Each history record needs `train_loss`, `val_loss` and `val_accuracy` (or the key given as `metric`).
+    Each history record (an `EpochRecord`) gives `train_loss`, `val_loss` and `val_accuracy` (or the field named
+    by `metric`).
     """
 
     patience: int = 2
@@ -71,25 +76,25 @@ class OverfitMonitor:
     def advice(self) -> list[str]:
         return [*ADVICE[:-1], AUGMENTED_ADVICE if self.augmented else ADVICE[-1]]
 
-    def best_index(self, history: list[dict[str, Any]]) -> int:
+    def best_index(self, history: Sequence[EpochRecord]) -> int:
         """Index of the best record: highest metric, then lowest validation loss."""
         best = 0
         for i, record in enumerate(history):
             top = history[best]
-            better = record[self.metric] > top[self.metric] + self.min_delta
-            tie = abs(record[self.metric] - top[self.metric]) <= self.min_delta and record["val_loss"] < top["val_loss"]
-            if better or (tie and record[self.metric] >= top[self.metric]):
+            better = getattr(record, self.metric) > getattr(top, self.metric) + self.min_delta
+            tie = abs(getattr(record, self.metric) - getattr(top, self.metric)) <= self.min_delta and record.val_loss < top.val_loss
+            if better or (tie and getattr(record, self.metric) >= getattr(top, self.metric)):
                 best = i
         return best
 
-    def val_loss_still_falling(self, history: list[dict[str, Any]], since: int = 0) -> bool:
+    def val_loss_still_falling(self, history: Sequence[EpochRecord], since: int = 0) -> bool:
         """Whether the last `patience` epochs set a validation-loss low of the stage, `val_fall` below its earlier low."""
         window = len(history) - self.patience
-        earlier = [r["val_loss"] for r in history[since:window]]
-        recent = [r["val_loss"] for r in history[max(since, window) :]]
+        earlier = [r.val_loss for r in history[since:window]]
+        recent = [r.val_loss for r in history[max(since, window) :]]
         return bool(earlier) and min(recent) < min(earlier) * (1 - self.val_fall)
 
-    def diagnose(self, history: list[dict[str, Any]], since: int = 0) -> Diagnosis:
+    def diagnose(self, history: Sequence[EpochRecord], since: int = 0) -> Diagnosis:
         """The verdict on `history` (one record per epoch); `since` is where the current stage began.
 
         Overfitting is named when the training loss keeps falling while either the validation loss
@@ -104,23 +109,23 @@ class OverfitMonitor:
         best = self.best_index(history)
         last = history[-1]
         waited = len(history) - 1 - best
-        gap = last["val_loss"] - last["train_loss"]
-        low = min(range(since, len(history)), key=lambda i: history[i]["val_loss"])
+        gap = last.val_loss - last.train_loss
+        low = min(range(since, len(history)), key=lambda i: history[i].val_loss)
         name = self.metric.removeprefix("val_")
 
         def fell_since(i: int) -> bool:
-            return last["train_loss"] < history[i]["train_loss"] * (1 - self.train_drop)
+            return last.train_loss < history[i].train_loss * (1 - self.train_drop)
 
         above_low = len(history) - 1 - low
         rising = above_low >= self.patience and all(
-            history[i]["val_loss"] > history[low]["val_loss"] * (1 + self.val_rise)
+            history[i].val_loss > history[low].val_loss * (1 + self.val_rise)
             for i in range(low + 1, len(history))
         )
         if rising and fell_since(low):
             began = low + 2
             message = (
-                f"overfitting: training loss fell {history[low]['train_loss']:.4f} -> {last['train_loss']:.4f} while validation "
-                f"loss rose from its low of {history[low]['val_loss']:.4f} at epoch {low + 1} to {last['val_loss']:.4f} over "
+                f"overfitting: training loss fell {history[low].train_loss:.4f} -> {last.train_loss:.4f} while validation "
+                f"loss rose from its low of {history[low].val_loss:.4f} at epoch {low + 1} to {last.val_loss:.4f} over "
                 f"{above_low} epochs; the model is memorising the training data instead of generalising. It began at epoch "
                 f"{began}; validation loss is now {gap:+.4f} above training loss."
             )
@@ -131,28 +136,28 @@ class OverfitMonitor:
             return Diagnosis("improving", best + 1, waited, gap=gap)
         # the training loss is compared with where it stood at the best epoch, or at the stage's start
         reference = best if best >= since else since
-        val_stalled = last["val_loss"] > history[low]["val_loss"] or last["val_loss"] >= history[best]["val_loss"]
+        val_stalled = last.val_loss > history[low].val_loss or last.val_loss >= history[best].val_loss
         if fell_since(reference) and val_stalled and best < since <= len(history) - 1:
-            if last["train_loss"] >= history[best]["train_loss"]:
+            if last.train_loss >= history[best].train_loss:
                 # a later stage still fits the training data worse than the best epoch did: not memorising
                 message = (
                     f"no gain: this stage has not beaten epoch {best + 1} (validation {name} "
-                    f"{history[best][self.metric]:.4f}) in {len(history) - since} epochs, and its training loss "
-                    f"{last['train_loss']:.4f} is still above the {history[best]['train_loss']:.4f} of that epoch, so the "
+                    f"{getattr(history[best], self.metric):.4f}) in {len(history) - since} epochs, and its training loss "
+                    f"{last.train_loss:.4f} is still above the {history[best].train_loss:.4f} of that epoch, so the "
                     "model is not memorising: unfreezing set it back further than this stage recovered. Try a lower "
                     "learning rate for the stage, fewer unfrozen blocks, or bn=fixed for models with BatchNorm."
                 )
                 return Diagnosis("plateau", best + 1, waited, gap=gap, message=message)
         if fell_since(reference) and val_stalled:
             began = max(best, since - 1) + 2
-            if last["val_loss"] >= history[best]["val_loss"]:
-                where_low = f"against {history[best]['val_loss']:.4f} at the best epoch {best + 1}"
+            if last.val_loss >= history[best].val_loss:
+                where_low = f"against {history[best].val_loss:.4f} at the best epoch {best + 1}"
             else:
-                where_low = f"above its low of {history[low]['val_loss']:.4f} at epoch {low + 1}"
+                where_low = f"above its low of {history[low].val_loss:.4f} at epoch {low + 1}"
             message = (
-                f"overfitting: training loss fell {history[reference]['train_loss']:.4f} -> {last['train_loss']:.4f} while "
-                f"validation {name} has not improved for {waited} epochs (best {history[best][self.metric]:.4f} at epoch "
-                f"{best + 1}) and validation loss stopped falling ({last['val_loss']:.4f}, {where_low}); the model is "
+                f"overfitting: training loss fell {history[reference].train_loss:.4f} -> {last.train_loss:.4f} while "
+                f"validation {name} has not improved for {waited} epochs (best {getattr(history[best], self.metric):.4f} at epoch "
+                f"{best + 1}) and validation loss stopped falling ({last.val_loss:.4f}, {where_low}); the model is "
                 "memorising the training data instead of generalising. It began at epoch "
                 f"{began}; validation loss is now {gap:+.4f} above training loss."
             )
@@ -162,11 +167,11 @@ class OverfitMonitor:
         if self.val_loss_still_falling(history, since):
             # accuracy on a small validation set moves in steps of one example; a falling loss is the finer signal
             return Diagnosis("improving", best + 1, waited, gap=gap)
-        trend = "also falling" if last["val_loss"] < history[best]["val_loss"] else "no longer falling"
+        trend = "also falling" if last.val_loss < history[best].val_loss else "no longer falling"
         message = (
-            f"plateau: validation {name} has not improved for {waited} epochs (best {history[best][self.metric]:.4f} at "
+            f"plateau: validation {name} has not improved for {waited} epochs (best {getattr(history[best], self.metric):.4f} at "
             f"epoch {best + 1}); training loss {'fell' if fell_since(reference) else 'barely moved'} "
-            f"({history[reference]['train_loss']:.4f} -> {last['train_loss']:.4f}) and validation loss is {trend} "
-            f"({history[best]['val_loss']:.4f} -> {last['val_loss']:.4f}): more epochs of this stage are unlikely to pay off."
+            f"({history[reference].train_loss:.4f} -> {last.train_loss:.4f}) and validation loss is {trend} "
+            f"({history[best].val_loss:.4f} -> {last.val_loss:.4f}): more epochs of this stage are unlikely to pay off."
         )
         return Diagnosis("plateau", best + 1, waited, gap=gap, message=message)

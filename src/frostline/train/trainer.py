@@ -9,7 +9,6 @@ the ones kept.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -32,16 +31,16 @@ from frostline.checkpoint import (
 )
 from frostline.config import FitConfig, StageConfig, config_changes, config_from_dict, with_resolved_paths
 from frostline.dataset import PreparedData, prepare_data
-from frostline.errors import ConfigError, FreezeSpecError, FrostlineError
-from frostline.freeze import FreezePlan, freeze, plan_freeze
-from frostline.guard import Finding, FreezeGuard, check_setup
+from frostline.errors import ConfigError, FrostlineError
+from frostline.freeze import FreezePlan
+from frostline.guard import Finding
 from frostline.inspect import ModelMap, inspect_model
-from frostline.optim import build_schedule, param_groups
+from frostline.recipe import EpochRecord, Recipe, Stage, steps_per_epoch
 from frostline.sources import ModelSource, open_model
 from frostline.sources.models import open_preprocess, open_tokenizer
 from frostline.train.cache import FeatureCache, fingerprint, plan_cache
 from frostline.train.loop import EpochResult, EvalResult, NonFiniteLoss, evaluate, model_forward, train_epoch
-from frostline.train.monitor import Diagnosis, OverfitMonitor
+from frostline.train.monitor import Diagnosis
 from frostline.train.runtime import (
     CpuSample,
     Runtime,
@@ -61,7 +60,7 @@ class Reporter(Protocol):
     def epoch_start(self, stage: StageConfig, epoch: int, batches: int) -> None: ...
     def progress_start(self, label: str, total: int) -> None: ...
     def step(self, done: int, total: int, loss: float) -> None: ...
-    def epoch_end(self, record: dict[str, Any], diagnosis: Diagnosis) -> None: ...
+    def epoch_end(self, record: EpochRecord, diagnosis: Diagnosis) -> None: ...
 
 
 class SilentReporter:
@@ -82,7 +81,7 @@ class SilentReporter:
     def step(self, done: int, total: int, loss: float) -> None:
         pass
 
-    def epoch_end(self, record: dict[str, Any], diagnosis: Diagnosis) -> None:
+    def epoch_end(self, record: EpochRecord, diagnosis: Diagnosis) -> None:
         pass
 
 
@@ -90,7 +89,7 @@ class SilentReporter:
 class FitResult:
     """What a run produced."""
 
-    history: list[dict[str, Any]]
+    history: list[EpochRecord]
     best_epoch: int
     best_stage: str
     best_val_accuracy: float
@@ -122,12 +121,10 @@ class Trainer:
         seed_everything(config.run.seed)
         self.source = source
         self.data = data
-        self.history: list[dict[str, Any]] = []
+        self.history: list[EpochRecord] = []
         self.best_state: dict[str, torch.Tensor] | None = None
         self.run_dir: Path | None = None
-        self.monitor = OverfitMonitor(
-            patience=config.run.patience, min_delta=config.run.min_delta, augmented=config.data.augment != "none"
-        )
+        self.recipe = Recipe.from_config(config)
         self.stage_plans: dict[str, dict[str, Any]] = {}
         self.cache_dtype = torch.bfloat16 if config.run.cache_dtype == "bf16" else torch.float32
         self.cache: FeatureCache | None = None
@@ -168,22 +165,7 @@ class Trainer:
                 self.reporter.note(busy)
         self.model: nn.Module = self.source.model.to(self.runtime.device)
         self.model_map: ModelMap = inspect_model(self.model, batch_to(self.source.example_batch, self.runtime.device))
-        self._check_stages()
-
-    def _check_stages(self) -> None:
-        """Resolve every stage's freeze spec on the model now, so a typo in stage 3 stops the run before stage 1.
-
-        Raises:
-            ConfigError: listing each stage whose spec names nothing in this model.
-        """
-        problems = []
-        for index, stage in enumerate(self.config.stages):
-            try:
-                plan_freeze(self.model, stage.freeze, self.model_map)
-            except FreezeSpecError as err:
-                problems.append(f"stages.{index}.freeze ({stage.name!r}) = {stage.freeze!r}: {err}")
-        if problems:
-            raise ConfigError(problems)
+        self.recipe.check(self.model, self.model_map)
 
     def _write(self, name: str, text: str) -> None:
         if self.run_dir is not None and is_main_process():
@@ -238,7 +220,7 @@ class Trainer:
     def _fit(self, checkpoint: dict[str, Any] | None, position: dict[str, Any], start: float) -> FitResult:
         self.cache = FeatureCache(self.run_dir, self.config.run.cache_memory_mb, self.cache_dtype)
         if checkpoint is not None:
-            self.history = checkpoint["trainer"]["history"]
+            self.history = [EpochRecord.from_dict(r) for r in checkpoint["trainer"]["history"]]
             self.model.load_state_dict(checkpoint["model"])
             if (self.run_dir / "best.safetensors").is_file():
                 self.best_state, note = run_folder.read_weights(self.run_dir, "best.safetensors")
@@ -248,7 +230,7 @@ class Trainer:
                 f"resuming {self.run_dir} at stage {position['stage'] + 1}, epoch {position['epoch'] + 1}"
             )
         self._write("config.json", json.dumps(self.config.to_dict(), indent=2))
-        self._write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        self._write("metrics.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in self.history))
         self._write_head_json()
         if checkpoint is None:
             self._write("data.json", json.dumps(self._data_record(), indent=1))
@@ -263,7 +245,7 @@ class Trainer:
                 index, first_epoch, checkpoint if index == position["stage"] else None
             )
         if stop_reason is None:
-            stop_reason = "every stage done (" + "; ".join(self._stage_endings()) + ")"
+            stop_reason = "every stage done (" + "; ".join(self.recipe.endings(self.history)) + ")"
         if self.best_state is not None:
             self.model.load_state_dict({k: v.to(self.runtime.device) for k, v in self.best_state.items()})
         return self._result(stop_reason, diagnosis, time.perf_counter() - start)
@@ -309,47 +291,36 @@ class Trainer:
     def _run_stage(
         self, index: int, first_epoch: int, checkpoint: dict[str, Any] | None
     ) -> tuple[Diagnosis | None, str | None]:
-        stage = self.config.stages[index]
-        plan = freeze(self.model, stage.freeze, self.model_map)
-        groups = param_groups(
-            self.model,
-            plan,
-            stage.lr,
-            head_lr_mult=stage.head_lr_mult,
-            layer_decay=stage.layer_decay,
-            weight_decay=stage.weight_decay,
-        )
-        optimizer = _adamw(groups, self.runtime)
+        # the history up to the stage's start: a stage resumed mid-way has records of its own already
+        stage = self.recipe.start(index, self.model, self.model_map, self.history[: len(self.history) - first_epoch])
+        optimizer = _adamw(stage.groups, self.runtime)
         batches = self.data.train_batches(self.config.data.batch_size, seed=self.config.run.seed + index)
-        steps_per_epoch = math.ceil(len(batches) / self.config.run.grad_accum)
-        total = steps_per_epoch * stage.epochs
-        schedule = build_schedule(optimizer, stage.schedule, total, int(stage.warmup * total))
-        findings = check_setup(self.model, optimizer, plan)
-        guard = FreezeGuard(self.model, plan)
-        self.stage_plans[stage.name] = plan.to_dict()
+        per_epoch = steps_per_epoch(len(batches), self.config.run.grad_accum)
+        schedule = stage.schedule(optimizer, per_epoch)
+        findings = stage.attach(optimizer)
+        self.stage_plans[stage.config.name] = stage.plan.to_dict()
         if checkpoint is not None and checkpoint["optimizer"] is not None and first_epoch > 0:
             if index == self.resized_stage:
                 # the stage's length changed on resume: its schedule is the one for the new length, at the step reached
-                rates = _advance(schedule, int(checkpoint["schedule"].get("last_epoch", first_epoch * steps_per_epoch)))
+                rates = _advance(schedule, int(checkpoint["schedule"].get("last_epoch", first_epoch * per_epoch)))
                 optimizer.load_state_dict(checkpoint["optimizer"])
                 for group, rate in zip(optimizer.param_groups, rates, strict=True):
                     group["lr"] = rate
             else:
                 optimizer.load_state_dict(checkpoint["optimizer"])
                 schedule.load_state_dict(checkpoint["schedule"])
-        self.reporter.stage_start(index, stage, plan, findings)
-        forward, modules, batches, val_batches, cached = self._stage_inputs(plan, batches)
+        self.reporter.stage_start(index, stage.config, stage.plan, findings)
+        forward, modules, batches, val_batches, cached = self._stage_inputs(stage.plan, batches)
         if checkpoint is not None:
             # at a stage boundary the new stage's batch order starts fresh, as in an uninterrupted run
             if first_epoch > 0:
                 batches.generator.set_state(checkpoint["rng"]["batches"])
             torch.set_rng_state(checkpoint["rng"]["torch"])
-        since = len(self.history) - first_epoch
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        diagnosis, stop = None, None
-        for epoch in range(first_epoch, stage.epochs):
+        decision = None
+        for epoch in range(first_epoch, stage.config.epochs):
             self.model.train()
-            self.reporter.epoch_start(stage, len(self.history) + 1, len(batches))
+            self.reporter.epoch_start(stage.config, len(self.history) + 1, len(batches))
             try:
                 result = train_epoch(
                     forward,
@@ -364,51 +335,35 @@ class Trainer:
                 )
             except NonFiniteLoss as err:
                 raise FrostlineError(
-                    f"stage {stage.name!r}, epoch {len(self.history) + 1}: {err}"
+                    f"stage {stage.config.name!r}, epoch {len(self.history) + 1}: {err}"
                     + (f"; checkpoint and best weights in {self.run_dir} are from before it" if self.run_dir else "")
                 ) from err
             evaluation = evaluate(forward, val_batches, self.runtime, modules)
-            record = self._record(stage, index, epoch, plan, result, evaluation, optimizer)
-            record["cache"] = cached["what"]
-            record["cache_seconds"] = round(cached["seconds"], 3) if epoch == first_epoch else 0.0
+            record = self._record(stage, epoch, result, evaluation, optimizer)
+            record.cache = cached["what"]
+            record.cache_seconds = round(cached["seconds"], 3) if epoch == first_epoch else 0.0
             self.history.append(record)
-            diagnosis = self.monitor.diagnose(self.history, since)
-            record["verdict"] = diagnosis.verdict
-            if self.monitor.best_index(self.history) == len(self.history) - 1:
-                record["best"] = True
+            decision = self.recipe.decide(self.history, stage)
+            record.verdict = decision.diagnosis.verdict
+            record.best = decision.best
+            if decision.best:
                 self.best_state = model_tensors(self.model)
                 if self.run_dir is not None and is_main_process():
                     run_folder.save_weights(
-                        self.run_dir, "best.safetensors", self.best_state, metadata={"epoch": str(record["epoch"])}
+                        self.run_dir, "best.safetensors", self.best_state, metadata={"epoch": str(record.epoch)}
                     )
-            if diagnosis.verdict == "overfitting" and plan.spec.mode == "head" and index + 1 < len(self.config.stages):
-                diagnosis = self._probe_saturated(diagnosis, self.config.stages[index + 1])
-            elif diagnosis.verdict == "overfitting":
-                stop = f"overfitting began at epoch {diagnosis.began_epoch} (stage {stage.name}); stopped at epoch {record['epoch']}"
-            next_position = {"stage": index, "epoch": epoch + 1, "done": stop}
-            if stop is None and (diagnosis.should_stop or epoch + 1 == stage.epochs):
+            next_position = {"stage": index, "epoch": epoch + 1, "done": decision.stop_reason}
+            if decision.stop_reason is None and decision.end_stage:
                 next_position = {"stage": index + 1, "epoch": 0, "done": None}
             self._save(next_position, optimizer, schedule, batches.generator)
-            self.reporter.epoch_end(record, diagnosis)
-            if diagnosis.should_stop:
+            self.reporter.epoch_end(record, decision.diagnosis)
+            if decision.end_stage:
                 break
-        report = guard.verify()
+        report = stage.finish()
         self.reporter.note(report.summary())
-        return diagnosis, stop
-
-    def _probe_saturated(self, diagnosis: Diagnosis, following: StageConfig) -> Diagnosis:
-        """Overfitting of a head-only stage ends that stage, not the run, when a later stage adapts the features.
-
-        A head on frozen features that starts to memorise has learned what those features allow (a linear probe);
-        the next stage changes the features themselves, which is what fine-tuning after a probe is for. It gets
-        `patience` epochs to beat the best epoch, as any later stage does, and the best weights are kept either way.
-        """
-        note = (
-            f"the head has learned what the frozen features allow; stage {following.name!r} ({following.freeze}) "
-            f"adapts them next and has {self.monitor.patience} epochs to beat epoch {diagnosis.best_epoch}, else "
-            "the run stops there with the best weights"
-        )
-        return dataclasses.replace(diagnosis, message=f"{diagnosis.message} {note[0].upper()}{note[1:]}.", advice=[])
+        if decision is None:
+            return None, None
+        return decision.diagnosis, decision.stop_reason
 
     def _stage_inputs(
         self, plan: FreezePlan, batches: TensorBatches
@@ -477,56 +432,36 @@ class Trainer:
             {"what": tail.describe, "seconds": seconds},
         )
 
-    def _stage_endings(self) -> list[str]:
-        endings = []
-        for index, stage in enumerate(self.config.stages):
-            records = [r for r in self.history if r["stage_index"] == index]
-            if not records:
-                continue
-            if records[-1].get("verdict") in ("plateau", "overfitting") and len(records) < stage.epochs:
-                endings.append(f"{stage.name}: {records[-1]['verdict']} after {len(records)} of {stage.epochs} epochs")
-            else:
-                endings.append(f"{stage.name}: all {len(records)} epochs")
-        return endings
-
     def _record(
-        self,
-        stage: StageConfig,
-        index: int,
-        epoch: int,
-        plan: FreezePlan,
-        result: EpochResult,
-        evaluation: EvalResult,
-        optimizer,
-    ) -> dict[str, Any]:
-        return {
-            "epoch": len(self.history) + 1,
-            "stage": stage.name,
-            "stage_index": index,
-            "stage_epoch": epoch + 1,
-            "freeze": str(plan.spec),
-            "train_loss": result.loss,
-            "train_accuracy": result.accuracy,
-            "val_loss": evaluation.loss,
-            "val_accuracy": evaluation.accuracy,
-            "lr": {g["name"]: g["lr"] for g in optimizer.param_groups if not g["name"].endswith("(no decay)")},
-            "lr_trace": result.lr_trace,
-            "trainable_tensors": plan.trainable_tensors,
-            "trainable_params": plan.trainable_params,
-            "steps": result.steps,
-            "train_seconds": round(result.seconds, 3),
-            "eval_seconds": round(evaluation.seconds, 3),
-            "best": False,
-        }
+        self, stage: Stage, epoch: int, result: EpochResult, evaluation: EvalResult, optimizer
+    ) -> EpochRecord:
+        return EpochRecord(
+            epoch=len(self.history) + 1,
+            stage=stage.config.name,
+            stage_index=stage.index,
+            stage_epoch=epoch + 1,
+            freeze=str(stage.plan.spec),
+            train_loss=result.loss,
+            train_accuracy=result.accuracy,
+            val_loss=evaluation.loss,
+            val_accuracy=evaluation.accuracy,
+            lr={g["name"]: g["lr"] for g in optimizer.param_groups if not g["name"].endswith("(no decay)")},
+            lr_trace=result.lr_trace,
+            trainable_tensors=stage.plan.trainable_tensors,
+            trainable_params=stage.plan.trainable_params,
+            steps=result.steps,
+            train_seconds=round(result.seconds, 3),
+            eval_seconds=round(evaluation.seconds, 3),
+        )
 
     def _save(self, position: dict[str, Any], optimizer, schedule, generator: torch.Generator) -> None:
         if self.run_dir is None or not is_main_process():
             return
         rng = {"torch": torch.get_rng_state(), "batches": generator.get_state()}
-        state = {"position": position, "history": self.history}
+        state = {"position": position, "history": [r.to_dict() for r in self.history]}
         save_checkpoint(self.run_dir, self.model, optimizer, schedule, rng, state)
         with (self.run_dir / "metrics.jsonl").open("a") as handle:
-            handle.write(json.dumps(self.history[-1]) + "\n")
+            handle.write(json.dumps(self.history[-1].to_dict()) + "\n")
 
     def _data_record(self) -> dict[str, Any]:
         """What lets `frostline eval` find this run's validation split again, and what reading the data did."""
@@ -551,13 +486,13 @@ class Trainer:
         self._write("head.json", json.dumps(head, indent=2))
 
     def _result(self, stop_reason: str, diagnosis: Diagnosis | None, seconds: float) -> FitResult:
-        best = self.history[self.monitor.best_index(self.history)] if self.history else {}
+        best = self.history[self.recipe.monitor.best_index(self.history)] if self.history else None
         return FitResult(
             history=self.history,
-            best_epoch=best.get("epoch", 0),
-            best_stage=best.get("stage", ""),
-            best_val_accuracy=best.get("val_accuracy", math.nan),
-            best_val_loss=best.get("val_loss", math.nan),
+            best_epoch=best.epoch if best else 0,
+            best_stage=best.stage if best else "",
+            best_val_accuracy=best.val_accuracy if best else math.nan,
+            best_val_loss=best.val_loss if best else math.nan,
             stop_reason=stop_reason,
             diagnosis=diagnosis,
             overfit_began=diagnosis.began_epoch
