@@ -161,18 +161,21 @@ def build_settings(args: argparse.Namespace) -> SweepSettings:
     """
     problems = _sweep_problems(args)
     config_path, model = _split_source(args.source, args.model, problems)
-    config = load_config(config_path) if config_path else FitConfig()
+    try:
+        config = load_config(config_path) if config_path else FitConfig()
+    except ConfigError as err:
+        raise ConfigError(problems + err.problems) from err
     index = _stage_index(args.stage, config.stages, problems)
 
     overrides = list(args.overrides)
     if model is not None:
-        overrides.append(f"model.ref={json.dumps(model)}")
+        overrides.append(f"model.ref={json.dumps(model, ensure_ascii=False)}")
     named = [(f"data.{key}", getattr(args, flag)) for flag, key in DATA_FLAGS.items()]
     named += [(f"run.{flag}", getattr(args, flag)) for flag in RUN_FLAGS]
     if index is not None:
         named += [(f"stages.{index}.{flag}", getattr(args, flag)) for flag in STAGE_FLAGS]
     # JSON is a YAML scalar that reads back as exactly this value: --data yes stays the string "yes"
-    overrides += [f"{key}={json.dumps(value)}" for key, value in named if value is not None]
+    overrides += [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in named if value is not None]
     if overrides:
         try:
             config = apply_overrides(config, overrides)
