@@ -1,5 +1,6 @@
 """frostline: fine-tune pretrained PyTorch models the way practitioners know works, and prove each step."""
 
+from frostline.config import DataConfig, FitConfig, ModelConfig, RunConfig, StageConfig, load_config
 from frostline.errors import (
     ConfigError,
     FreezeSpecError,
@@ -11,29 +12,53 @@ from frostline.errors import (
 from frostline.freeze import FreezePlan, FreezeSpec, freeze, plan_freeze
 from frostline.guard import Finding, FreezeGuard, check_setup
 from frostline.inspect import MapEntry, ModelMap, inspect_model
+from frostline.lr_finder import LRFinderResult, lr_find
+from frostline.optim import build_schedule, param_groups
+from frostline.recipe import Decision, EpochRecord, Recipe, Stage
 from frostline.sources import ModelSource, load_model, open_model
+from frostline.train.monitor import Diagnosis, OverfitMonitor
+from frostline.train.trainer import FitResult, Trainer, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "DataConfig",
+    "Decision",
+    "Diagnosis",
+    "EpochRecord",
     "Finding",
+    "FitConfig",
+    "FitResult",
     "FreezeGuard",
     "FreezePlan",
     "FreezeSpec",
     "FreezeSpecError",
     "FrostlineError",
     "FrozenWeightsChanged",
+    "LRFinderResult",
     "MapEntry",
+    "ModelConfig",
     "ModelMap",
     "ModelRefError",
     "ModelSource",
+    "OverfitMonitor",
+    "Recipe",
+    "RunConfig",
     "SetupError",
+    "Stage",
+    "StageConfig",
+    "Trainer",
     "__version__",
+    "build_schedule",
     "check_setup",
+    "fit",
     "freeze",
     "inspect_model",
+    "load_config",
     "load_model",
+    "lr_find",
     "open_model",
+    "param_groups",
     "plan_freeze",
 ]

@@ -12,7 +12,7 @@ Lightning and Hugging Face callbacks, a loop you write) asks this module, so eac
         findings = stage.attach(optimizer)              # the setup lint; frozen tensors fingerprinted
         for epoch in range(stage.config.epochs):
             ...                                         # train and evaluate one epoch
-            history.append(EpochRecord(...))
+            history.append(stage.record(history, train_loss, val_loss, val_accuracy))
             decision = recipe.decide(history, stage)    # verdict, best weights?, stage or run over?
             if decision.best: keep a copy of the weights
             if decision.end_stage: break
@@ -127,6 +127,25 @@ class Stage:
         self.findings = check_setup(self.model, optimizer, self.plan)
         self.guard = FreezeGuard(self.model, self.plan)
         return self.findings
+
+    def record(
+        self, history: Sequence[EpochRecord], train_loss: float, val_loss: float, val_accuracy: float, **more: Any
+    ) -> EpochRecord:
+        """The record of the epoch that follows `history` in this stage (its counts and spec filled in); `more`
+        sets any other field (train_accuracy, lr, train_seconds, ...)."""
+        return EpochRecord(
+            epoch=len(history) + 1,
+            stage=self.config.name,
+            stage_index=self.index,
+            stage_epoch=len(history) - self.since + 1,
+            freeze=str(self.plan.spec),
+            train_loss=train_loss,
+            val_loss=val_loss,
+            val_accuracy=val_accuracy,
+            trainable_tensors=self.plan.trainable_tensors,
+            trainable_params=self.plan.trainable_params,
+            **more,
+        )
 
     def finish(self) -> GuardReport:
         """Prove that no frozen tensor or buffer moved during the stage.

@@ -435,20 +435,14 @@ class Trainer:
     def _record(
         self, stage: Stage, epoch: int, result: EpochResult, evaluation: EvalResult, optimizer
     ) -> EpochRecord:
-        return EpochRecord(
-            epoch=len(self.history) + 1,
-            stage=stage.config.name,
-            stage_index=stage.index,
-            stage_epoch=epoch + 1,
-            freeze=str(stage.plan.spec),
-            train_loss=result.loss,
+        return stage.record(
+            self.history,
+            result.loss,
+            evaluation.loss,
+            evaluation.accuracy,
             train_accuracy=result.accuracy,
-            val_loss=evaluation.loss,
-            val_accuracy=evaluation.accuracy,
             lr={g["name"]: g["lr"] for g in optimizer.param_groups if not g["name"].endswith("(no decay)")},
             lr_trace=result.lr_trace,
-            trainable_tensors=stage.plan.trainable_tensors,
-            trainable_params=stage.plan.trainable_params,
             steps=result.steps,
             train_seconds=round(result.seconds, 3),
             eval_seconds=round(evaluation.seconds, 3),
