@@ -216,7 +216,8 @@ class Recipe:
         return Stage(index, config, plan, groups, since, model)
 
     def decide(self, history: Sequence[EpochRecord], stage: Stage) -> Decision:
-        """The verdict after the last epoch of `history`, which belongs to `stage`.
+        """The verdict after the last epoch of `history`, which belongs to `stage`; that record's `verdict` and
+        `best` are set from it.
 
         Overfitting ends the run, except in a head-only stage that has a later stage: a head on frozen features
         that starts to memorise has learned what those features allow (a linear probe); the next stage changes
@@ -246,6 +247,7 @@ class Recipe:
             )
         end_stage = stop is not None or diagnosis.should_stop or stage_epoch >= stage.config.epochs
         end_run = stop is not None or (end_stage and not has_next)
+        history[-1].verdict, history[-1].best = diagnosis.verdict, best
         return Decision(diagnosis, best, end_stage, end_run, stop)
 
     def endings(self, history: Sequence[EpochRecord]) -> list[str]:

@@ -344,8 +344,6 @@ class Trainer:
             record.cache_seconds = round(cached["seconds"], 3) if epoch == first_epoch else 0.0
             self.history.append(record)
             decision = self.recipe.decide(self.history, stage)
-            record.verdict = decision.diagnosis.verdict
-            record.best = decision.best
             if decision.best:
                 self.best_state = model_tensors(self.model)
                 if self.run_dir is not None and is_main_process():
