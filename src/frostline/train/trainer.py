@@ -1,10 +1,8 @@
-"""The trainer: runs a recipe of stages, holds the run's state, writes the run folder.
+"""The trainer: runs a recipe of stages through the stage engine, holds the run's state, writes the run folder.
 
-Each stage freezes with its spec, rebuilds the parameter groups, optimizer and schedule from scratch
-(a stage never inherits the previous stage's optimizer), lints the set-up with `check_setup`, and
-ends with `FreezeGuard.verify()`. After every epoch the overfitting monitor reads the history: a
-plateau ends the stage, overfitting ends the run, and the best weights by validation accuracy are
-the ones kept.
+What each stage does and what follows each epoch is decided by `frostline.recipe.Recipe` (freeze plan, fresh
+parameter groups and schedule, the lint, the guard, the monitor's verdict, best weights, the end of a stage or of
+the run); the trainer adds what only it has: the feature cache, checkpoints and exact resume, the run folder.
 """
 
 from __future__ import annotations
