@@ -250,6 +250,10 @@ class Recipe:
         history[-1].verdict, history[-1].best = diagnosis.verdict, best
         return Decision(diagnosis, best, end_stage, end_run, stop)
 
+    def finished(self, history: Sequence[EpochRecord]) -> str:
+        """The stop reason of a run that went through every stage, with how each one ended."""
+        return "every stage done (" + "; ".join(self.endings(history)) + ")"
+
     def endings(self, history: Sequence[EpochRecord]) -> list[str]:
         """How each stage that ran ended, for people: all its epochs, or the verdict that ended it early."""
         endings = []

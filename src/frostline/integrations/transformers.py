@@ -62,6 +62,7 @@ from frostline.checkpoint import model_tensors
 from frostline.config import StageConfig, load_config
 from frostline.errors import ConfigError
 from frostline.inspect import ModelMap, inspect_model
+from frostline.optim import adamw
 from frostline.recipe import EpochRecord, Recipe, Stage, steps_per_epoch
 from frostline.train.monitor import Diagnosis
 
@@ -74,14 +75,6 @@ def compute_accuracy(eval_pred: Any) -> dict[str, float]:
     if isinstance(logits, (tuple, list)):
         logits = logits[0]
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
-
-
-def _adamw(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """AdamW as `frostline fit` builds it: fused where this build supports it on the device."""
-    try:
-        return torch.optim.AdamW(groups, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups)
 
 
 class StageOptimizer(torch.optim.Optimizer):
@@ -102,7 +95,7 @@ class StageOptimizer(torch.optim.Optimizer):
 
     def begin(self, stage: Stage, per_epoch: int) -> torch.optim.Optimizer:
         """Put a fresh AdamW over the stage's groups, and its schedule, in place of the last stage's."""
-        self.current = _adamw(stage.groups)
+        self.current = adamw(stage.groups)
         self.schedule = stage.schedule(self.current, per_epoch)
         return self.current
 
@@ -402,7 +395,7 @@ class FrostlineCallback(TrainerCallback):
         logger.info("stage %r: %s", self.stage.config.name, report.summary())
 
     def _every_stage_done(self) -> str:
-        return "every stage done (" + "; ".join(self.recipe.endings(self.history)) + ")"
+        return self.recipe.finished(self.history)
 
     def _train_loss(self, state: TrainerState) -> float:
         """The mean of the Trainer's logged loss over the epoch's steps (each log covers the steps since the last)."""

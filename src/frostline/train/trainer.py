@@ -33,6 +33,7 @@ from frostline.errors import ConfigError, FrostlineError
 from frostline.freeze import FreezePlan
 from frostline.guard import Finding
 from frostline.inspect import ModelMap, inspect_model
+from frostline.optim import adamw
 from frostline.recipe import EpochRecord, Recipe, Stage, steps_per_epoch
 from frostline.sources import ModelSource, open_model
 from frostline.sources.models import open_preprocess, open_tokenizer
@@ -243,7 +244,7 @@ class Trainer:
                 index, first_epoch, checkpoint if index == position["stage"] else None
             )
         if stop_reason is None:
-            stop_reason = "every stage done (" + "; ".join(self.recipe.endings(self.history)) + ")"
+            stop_reason = self.recipe.finished(self.history)
         if self.best_state is not None:
             self.model.load_state_dict({k: v.to(self.runtime.device) for k, v in self.best_state.items()})
         return self._result(stop_reason, diagnosis, time.perf_counter() - start)
@@ -291,7 +292,7 @@ class Trainer:
     ) -> tuple[Diagnosis | None, str | None]:
         # the history up to the stage's start: a stage resumed mid-way has records of its own already
         stage = self.recipe.start(index, self.model, self.model_map, self.history[: len(self.history) - first_epoch])
-        optimizer = _adamw(stage.groups, self.runtime)
+        optimizer = adamw(stage.groups)
         batches = self.data.train_batches(self.config.data.batch_size, seed=self.config.run.seed + index)
         per_epoch = steps_per_epoch(len(batches), self.config.run.grad_accum)
         schedule = stage.schedule(optimizer, per_epoch)
@@ -529,14 +530,6 @@ def _describe_size(*splits: Any) -> str:
     total = sum(t.numel() * t.element_size() for f in splits for t in tensors(f))
     first = tensors(splits[0])[0]
     return f"{tuple(first.shape)} {str(first.dtype).removeprefix('torch.')}, {total / 2**20:,.1f} MB"
-
-
-def _adamw(groups: list[dict[str, Any]], runtime: Runtime) -> torch.optim.Optimizer:
-    """AdamW, fused where this build supports it on the device (the step was 4.5x faster fused on CPU)."""
-    try:
-        return torch.optim.AdamW(groups, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups)
 
 
 def fit(
