@@ -34,3 +34,12 @@ def test_own_loop_runs_the_recipe_and_keeps_frozen_weights_bit_identical():
             assert torch.equal(model.state_dict()[name], tensor), name
     kept = [r for r in history if r.best][-1]
     assert kept.val_accuracy > 0.6  # 5 topics: well above chance after a few head epochs
+
+
+@pytest.mark.slow
+def test_the_default_recipe_runs_inside_the_hugging_face_trainer():
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the text extra installs it)")
+    result = _load("hf_trainer_minilm").main(["--limit", "150", "--max-length", "32", "--epochs", "1,1"])
+    assert [r.stage for r in result["history"]] == ["head", "last2"]
+    assert result["stop_reason"] == "every stage done (head: all 1 epochs; last2: all 1 epochs)"
+    assert result["val_accuracy"] > 0.5  # 5 topics
