@@ -1,5 +1,6 @@
 """frostline's recipe inside a PyTorch Lightning `Trainer`: staged unfreezing with fresh groups, proved and resumable.
 
+    import lightning.pytorch as L
     from frostline import StageConfig
     from frostline.integrations.lightning import FrostlineRecipe
 
@@ -30,7 +31,7 @@ What your LightningModule must do:
   in `validation_step`; other names: `FrostlineRecipe(val_loss=..., val_accuracy=...)`. The training loss of an
   epoch is the mean of the losses `training_step` returned (`train_loss=NAME` reads a logged metric instead);
 - define `configure_optimizers` (Lightning requires one), returning any optimizer: it is replaced before the first
-  step by each stage's `torch.optim.AdamW(stage.groups)` (or `optimizer=`) and its schedule, stepped every step;
+  step by each stage's AdamW over `stage.groups` (or `optimizer=`) and its schedule, stepped every step;
 - validate once at the end of every epoch (Lightning's default), on one device, and let the recipe stop the run
   (`max_epochs` at least the recipe's epochs; `min_epochs` unset).
 
@@ -73,10 +74,12 @@ except ImportError as err:  # pragma: no cover - the extra is absent
     ) from err
 
 from frostline.batches import Batch, batch_to
+from frostline.checkpoint import model_tensors
 from frostline.config import FitConfig, StageConfig, load_config
 from frostline.errors import ConfigError
 from frostline.guard import Finding, GuardReport
 from frostline.inspect import ModelMap, inspect_model
+from frostline.optim import adamw
 from frostline.recipe import Decision, EpochRecord, Recipe, Stage, steps_per_epoch
 from frostline.train.monitor import Diagnosis
 
@@ -97,7 +100,8 @@ class FrostlineRecipe(Callback):
             mean of the losses `training_step` returned in the epoch.
         patience: epochs without a better validation result before the monitor's verdict changes (stage lists).
         min_delta: the smallest rise in validation accuracy that counts as better (stage lists).
-        optimizer: makes each stage's optimizer from its parameter groups; default `torch.optim.AdamW`.
+        optimizer: makes each stage's optimizer from its parameter groups; default `frostline.optim.adamw` (AdamW,
+            fused where supported), as `frostline fit`.
         restore_best: load the best weights back when the recipe is over.
     """
 
@@ -123,7 +127,7 @@ class FrostlineRecipe(Callback):
             "val_accuracy": (val_accuracy,) if isinstance(val_accuracy, str) else tuple(val_accuracy),
         }
         self.train_loss_name = train_loss
-        self.make_optimizer: OptimizerFactory = optimizer or torch.optim.AdamW
+        self.make_optimizer: OptimizerFactory = optimizer or adamw
         self.restore_best = restore_best
 
         self.history: list[EpochRecord] = []
@@ -223,7 +227,10 @@ class FrostlineRecipe(Callback):
         self._tally["validation"] = time.perf_counter()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.stage is None or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+        if self.stage is None or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if trainer.sanity_checking:
+            self._epoch_metrics(trainer, with_train_loss=False)  # a missing metric is named before the first step
             return
         stage = self.stage
         record = stage.record(self.history, *self._epoch_metrics(trainer), **self._epoch_extras(trainer))
@@ -236,7 +243,7 @@ class FrostlineRecipe(Callback):
         if decision.diagnosis.should_stop and decision.diagnosis.message:
             rank_zero_info(f"frostline: epoch {record.epoch}: {decision.diagnosis.message}")
         if decision.best:
-            self.best_state = {k: v.detach().cpu().clone() for k, v in stage.model.state_dict().items()}
+            self.best_state = model_tensors(stage.model)
             self.best_epoch = record.epoch
         if not decision.end_stage:
             return
@@ -244,9 +251,7 @@ class FrostlineRecipe(Callback):
         rank_zero_info(f"frostline: stage {stage.config.name!r} ended; {report.summary()}")
         if decision.end_run:
             self.done = True
-            self.stop_reason = decision.stop_reason or (
-                "every stage done (" + "; ".join(self.recipe.endings(self.history)) + ")"
-            )
+            self.stop_reason = decision.stop_reason or self.recipe.finished(self.history)
             trainer.should_stop = True
         else:
             # no stale gradient outlives its stage; the next epoch trains the next stage
@@ -353,7 +358,7 @@ class FrostlineRecipe(Callback):
                 ]
             )
         if state["best_changed"] is not None:
-            best = {k: v.detach().cpu().clone() for k, v in self._model.state_dict().items()}
+            best = model_tensors(self._model)
             best.update(state["best_changed"])
             self.best_state = best
         self._tally = {**_fresh_tally(0), **state["epoch_tally"]}
@@ -366,10 +371,15 @@ class FrostlineRecipe(Callback):
         now = self._model.state_dict()
         return {k: v for k, v in self.best_state.items() if k not in now or not torch.equal(v, now[k].cpu())}
 
-    def _epoch_metrics(self, trainer: pl.Trainer) -> tuple[float, float, float]:
+    def _epoch_metrics(self, trainer: pl.Trainer, with_train_loss: bool = True) -> tuple[float, float, float]:
+        """The epoch's training loss, validation loss and accuracy, from the logged metrics and training_step.
+
+        Raises:
+            ConfigError: a metric the monitor reads was not logged (with the names that were).
+        """
         metrics = trainer.callback_metrics
         names = {"val_loss": self.metric_names["val_loss"], "val_accuracy": self.metric_names["val_accuracy"]}
-        if self.train_loss_name is not None:
+        if self.train_loss_name is not None and with_train_loss:
             names["train_loss"] = (self.train_loss_name,)
         values, missing = {}, []
         for field, candidates in names.items():
@@ -391,6 +401,8 @@ class FrostlineRecipe(Callback):
                 )
             problems.append(f"logged metrics: {', '.join(logged) or 'none'}")
             raise ConfigError(problems)
+        if not with_train_loss:
+            return math.nan, values["val_loss"], values["val_accuracy"]
         if "train_loss" not in values:
             if self._tally["seen"] == 0:
                 raise ConfigError(
@@ -456,8 +468,10 @@ def _check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             "automatic_optimization is False: the recipe installs each stage's optimizer and steps its schedule "
             "through Lightning's automatic optimization; leave it on"
         )
-    if trainer.check_val_every_n_epoch != 1 or trainer.val_check_interval != 1.0 or (
-        getattr(trainer, "_val_check_time_interval", None) is not None
+    if (
+        trainer.check_val_every_n_epoch != 1
+        or trainer.val_check_interval != 1.0
+        or (getattr(trainer, "_val_check_time_interval", None) is not None)
     ):
         problems.append(
             f"validation runs with check_val_every_n_epoch={trainer.check_val_every_n_epoch}, "
