@@ -199,3 +199,12 @@ def adamw(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups)
+
+
+def group_rates(optimizer: Optimizer) -> dict[str, float]:
+    """Each named group's current rate, leaving out the "(no decay)" twins that share their group's rate."""
+    return {
+        str(g.get("name", i)): g["lr"]
+        for i, g in enumerate(optimizer.param_groups)
+        if not str(g.get("name", "")).endswith("(no decay)")
+    }

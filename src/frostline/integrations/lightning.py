@@ -79,7 +79,7 @@ from frostline.config import FitConfig, StageConfig, load_config
 from frostline.errors import ConfigError
 from frostline.guard import Finding, GuardReport
 from frostline.inspect import ModelMap, inspect_model
-from frostline.optim import adamw
+from frostline.optim import adamw, group_rates
 from frostline.recipe import Decision, EpochRecord, Recipe, Stage, steps_per_epoch
 from frostline.train.monitor import Diagnosis
 
@@ -417,11 +417,7 @@ class FrostlineRecipe(Callback):
         validation = self._tally.get("validation") or now
         start = self._tally.get("start") or validation
         return {
-            "lr": {
-                g.get("name", str(i)): g["lr"]
-                for i, g in enumerate(self.optimizer.param_groups)
-                if not str(g.get("name", "")).endswith("(no decay)")
-            },
+            "lr": group_rates(self.optimizer),
             "steps": trainer.global_step - self._tally["step"],
             "train_seconds": round(validation - start, 3),
             "eval_seconds": round(now - validation, 3),

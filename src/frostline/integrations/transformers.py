@@ -62,7 +62,7 @@ from frostline.checkpoint import model_tensors
 from frostline.config import StageConfig, load_config
 from frostline.errors import ConfigError
 from frostline.inspect import ModelMap, inspect_model
-from frostline.optim import adamw
+from frostline.optim import adamw, group_rates
 from frostline.recipe import EpochRecord, Recipe, Stage, steps_per_epoch
 from frostline.train.monitor import Diagnosis
 
@@ -303,9 +303,8 @@ class FrostlineCallback(TrainerCallback):
         # each group's rate at up to 20 evenly spaced steps of the epoch, as frostline fit traces it
         step = state.global_step - len(self.history) * self._per_epoch
         if step % max(1, self._per_epoch // 20) == 0:
-            for group in self.optimizer.param_groups:
-                if not group["name"].endswith("(no decay)"):
-                    self._trace.setdefault(group["name"], []).append(group["lr"])
+            for name, rate in group_rates(self.optimizer).items():
+                self._trace.setdefault(name, []).append(rate)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._train_seconds = time.perf_counter() - self._epoch_start
@@ -333,7 +332,7 @@ class FrostlineCallback(TrainerCallback):
             self._train_loss(state),
             float(metrics["eval_loss"]),
             float(metrics["eval_accuracy"]),
-            lr={g["name"]: g["lr"] for g in self.optimizer.param_groups if not g["name"].endswith("(no decay)")},
+            lr=group_rates(self.optimizer),
             lr_trace=self._trace,
             steps=state.global_step - len(self.history) * self._per_epoch,
             train_seconds=round(self._train_seconds, 3),

@@ -33,7 +33,7 @@ from frostline.errors import ConfigError, FrostlineError
 from frostline.freeze import FreezePlan
 from frostline.guard import Finding
 from frostline.inspect import ModelMap, inspect_model
-from frostline.optim import adamw
+from frostline.optim import adamw, group_rates
 from frostline.recipe import EpochRecord, Recipe, Stage, steps_per_epoch
 from frostline.sources import ModelSource, open_model
 from frostline.sources.models import open_preprocess, open_tokenizer
@@ -438,7 +438,7 @@ class Trainer:
             evaluation.loss,
             evaluation.accuracy,
             train_accuracy=result.accuracy,
-            lr={g["name"]: g["lr"] for g in optimizer.param_groups if not g["name"].endswith("(no decay)")},
+            lr=group_rates(optimizer),
             lr_trace=result.lr_trace,
             steps=result.steps,
             train_seconds=round(result.seconds, 3),
