@@ -160,6 +160,11 @@ class FrostlineRecipe(Callback):
         self._awaiting_decision = False
 
     # ---- fit start ------------------------------------------------------------------------------
+    @property
+    def epochs(self) -> int:
+        """Epochs the whole recipe may run: `L.Trainer(max_epochs=recipe.epochs)`."""
+        return sum(stage.epochs for stage in self.recipe.stages)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _check_trainer(trainer, pl_module)
         model = _submodule(pl_module, self.model_path)
