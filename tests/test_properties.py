@@ -107,8 +107,12 @@ values = st.recursive(
 )
 
 
-def _round_trips(spec: FreezeSpec) -> None:
-    assert FreezeSpec.parse(str(spec)) == spec, str(spec)
+def _parse(value) -> FreezeSpec | FreezeSpecError:
+    """The spec `value` parses to, or the FreezeSpecError it raises; any other exception fails the test."""
+    try:
+        return FreezeSpec.parse(value)
+    except FreezeSpecError as err:
+        return err
 
 
 @MANY
@@ -119,11 +123,11 @@ def _round_trips(spec: FreezeSpec) -> None:
 @example("from:a=b")
 @example("train=a,,b;bn=fixed")
 def test_spec_strings_parse_or_raise_a_freeze_spec_error(text):
-    try:
-        spec = FreezeSpec.parse(text)
-    except FreezeSpecError:
-        return
-    _round_trips(spec)
+    outcome = _parse(text)
+    if isinstance(outcome, FreezeSpecError):
+        assert str(outcome).strip(), f"the error for {text!r} says nothing"
+    else:
+        assert isinstance(outcome, FreezeSpec) and FreezeSpec.parse(str(outcome)) == outcome, str(outcome)
 
 
 spec_fields = ["mode", "n", "path", "globs", "bn"]
@@ -147,11 +151,30 @@ spec_dicts = st.dictionaries(
 @example({1: "head", "mode": "head"})
 @example({"mode": "train", "globs": ["a", ""]})
 def test_spec_dicts_parse_or_raise_a_freeze_spec_error(values):
-    try:
-        spec = FreezeSpec.parse(values)
-    except FreezeSpecError:
-        return
-    _round_trips(spec)
+    outcome = _parse(values)
+    if isinstance(outcome, FreezeSpecError):
+        assert str(outcome).strip(), f"the error for {values!r} says nothing"
+    else:
+        assert isinstance(outcome, FreezeSpec) and FreezeSpec.parse(str(outcome)) == outcome, str(outcome)
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [
+        ("last:2;bn=fixed", FreezeSpec(mode="last", n=2, bn="fixed")),
+        ({"mode": "train", "globs": "head.*"}, FreezeSpec(mode="train", globs=("head.*",))),
+        ("last:two", None),
+        ({"mode": "train", "globs": 5}, None),
+    ],
+)
+def test_the_property_tests_see_both_outcomes(value, parsed):
+    """The checks above can fail both ways: a valid spec must parse to the right value, an invalid one must be
+    refused with frostline's error."""
+    outcome = _parse(value)
+    if parsed is None:
+        assert isinstance(outcome, FreezeSpecError)
+    else:
+        assert outcome == parsed
 
 
 @MANY
