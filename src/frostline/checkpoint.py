@@ -57,8 +57,9 @@ def write_durably(path: Path, data: bytes) -> None:
 
 
 def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    """Tensors as the bytes of a safetensors file (copied to the CPU first)."""
-    return save_safetensors({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, metadata=metadata)
+    """Tensors as the bytes of a safetensors file. Serialising copies them, so no copy is made first; tensors that
+    share memory (tied weights) must arrive as separate copies, as `model_tensors` gives them."""
+    return save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

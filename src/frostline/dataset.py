@@ -100,7 +100,6 @@ def prepare_data(
         )
     check_max_length(config.max_length, tokenizer)
     train, val, split = _split(read_text(config), config, seed)
-    found = split.pop("notes", [])
     return PreparedData(
         train_inputs=encode_texts(tokenizer, train.texts, config.max_length),
         train_labels=torch.tensor(train.labels),
@@ -108,7 +107,7 @@ def prepare_data(
         val_labels=torch.tensor(val.labels),
         label_names=train.label_names,
         origin=train.origin,
-        notes=_notes(train, val, config) + found,
+        notes=_notes(train, val, config),
         **split,
     )
 
@@ -141,7 +140,6 @@ def _prepare_images(
 ) -> PreparedData:
     size, crop_pct, transform = image_settings(config, tokenizer, preprocess)
     train, val, split = _split(lambda ref: open_image_data(ref, size, crop_pct, progress), config, seed)
-    found = split.pop("notes", [])
     augment = Augment.parse(config.augment, config.crop_scale)
     return PreparedData(
         train_inputs=train.images,
@@ -150,7 +148,7 @@ def _prepare_images(
         val_labels=torch.tensor(val.labels),
         label_names=train.label_names,
         origin=train.origin,
-        notes=_notes(train, val, config) + found + ([f"training augmentation: {augment}"] if augment else []),
+        notes=_notes(train, val, config) + ([f"training augmentation: {augment}"] if augment else []),
         train_transform=dataclasses.replace(transform, augment=augment),
         val_transform=transform,
         **split,
@@ -214,13 +212,6 @@ def _split(read: Any, config: DataConfig, seed: int) -> tuple[Any, Any, dict[str
         raise ConfigError(
             f"the validation split is empty; raise data.val_fraction (now {config.val_fraction}) or add data"
         )
-    copies = _copies(train, val)
-    if copies:
-        record["notes"] = [
-            f"warning: {copies:,d} of {len(val):,d} validation examples are exact copies of training examples "
-            "(duplicates in the data, or a validation file that overlaps the training one); they flatter validation "
-            "accuracy: remove the duplicates"
-        ]
     return train, val, record
 
 
@@ -264,9 +255,17 @@ def relabel(data: Any, label_names: list[str], what: str, known: str) -> Any:
 
 
 def _notes(train: Any, val: Any, config: DataConfig) -> list[str]:
+    """What reading the data did, and a warning when validation examples copy training ones."""
     notes = list(train.notes)
     if config.val_ref:
         notes += [f"validation: {note}" for note in val.notes]
+    copies = _copies(train, val)
+    if copies:
+        notes.append(
+            f"warning: {copies:,d} of {len(val):,d} validation examples are exact copies of training examples "
+            "(duplicates in the data, or a validation file that overlaps the training one); they flatter validation "
+            "accuracy: remove the duplicates"
+        )
     return notes
 
 

@@ -140,7 +140,7 @@ def start(folder: Path) -> None:
         for name in ("checkpoint", "checkpoint.old", "checkpoint.new"):
             shutil.rmtree(folder / name, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
-    write_record(folder, {"format": FORMAT, "version": 1, "weights": {}, "resumed": []})
+    write_record(folder, _new_record())
 
 
 def clear_failed_start(folder: Path) -> None:
@@ -174,6 +174,10 @@ def read_record(folder: Path) -> dict[str, Any] | None:
     return record
 
 
+def _new_record() -> dict[str, Any]:
+    return {"format": FORMAT, "version": 1, "weights": {}, "resumed": []}
+
+
 def write_record(folder: Path, record: dict[str, Any]) -> None:
     atomic_write_text(folder / RECORD, json.dumps(record, indent=2))
 
@@ -184,7 +188,7 @@ def save_weights(folder: Path, name: str, tensors: dict[str, torch.Tensor], meta
     data = tensor_bytes(tensors, metadata)
     pending = folder / f".{name}.pending"
     write_durably(pending, data)
-    record = read_record(folder) or {"format": FORMAT, "version": 1, "weights": {}, "resumed": []}
+    record = read_record(folder) or _new_record()
     record["weights"][name] = sha256(data)
     write_record(folder, record)
     pending.replace(folder / name)
@@ -247,6 +251,6 @@ def read_run_config(folder: Path, trust_code: bool) -> FitConfig:
 
 def record_resumed(folder: Path, at: str, changes: list[tuple[str, Any, Any]]) -> None:
     """Add the settings changed when resuming to the folder's record."""
-    record = read_record(folder) or {"format": FORMAT, "version": 1, "weights": {}, "resumed": []}
+    record = read_record(folder) or _new_record()
     record.setdefault("resumed", []).append({"at": at, "changes": [list(c) for c in changes]})
     write_record(folder, record)

@@ -27,7 +27,7 @@ from frostline.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from frostline.config import FitConfig, StageConfig, config_changes, config_from_dict, with_resolved_paths
+from frostline.config import FitConfig, StageConfig, config_changes, with_resolved_paths
 from frostline.dataset import PreparedData, prepare_data
 from frostline.errors import ConfigError, FrostlineError
 from frostline.freeze import FreezePlan
@@ -260,16 +260,12 @@ class Trainer:
         Raises:
             ConfigError: listing each unsafe change with its old and new value.
         """
-        saved = with_resolved_paths(config_from_dict(json.loads((folder / "config.json").read_text(encoding="utf-8"))))
+        # only compared, never imported from: the caller chose the config that runs
+        saved = with_resolved_paths(run_folder.read_run_config(folder, trust_code=True))
         changes = [c for c in config_changes(saved, self.config) if c[0] not in ("run.output", "run.name")]
         begun = position["stage"] + (1 if position["epoch"] > 0 else 0)
-        resized = f"stages.{position['stage']}.epochs"
-        unsafe = [
-            c
-            for c in changes
-            if not _safe_change(c[0], begun) and not (c[0] == resized and isinstance(c[2], int) and c[2] >= position["epoch"])
-        ]
-        if any(c[0] == resized for c in changes) and position["epoch"] > 0:
+        unsafe = [c for c in changes if not _safe_change(c, position)]
+        if position["epoch"] > 0 and any(c[0] == f"stages.{position['stage']}.epochs" for c in changes):
             self.resized_stage = position["stage"]
         if unsafe:
             lines = [f"  {key}: {old!r} -> {new!r}" for key, old, new in unsafe]
@@ -499,12 +495,19 @@ class Trainer:
 _MACHINE_SETTINGS = ("run.threads", "run.cache_memory_mb")
 
 
-def _safe_change(key: str, begun: int) -> bool:
-    """Whether changing setting `key` on resume leaves what the run has done valid (`begun` stages have started)."""
+def _safe_change(change: tuple[str, Any, Any], position: dict[str, Any]) -> bool:
+    """Whether a (key, old, new) change on resume leaves what the run has done valid, at checkpoint `position`:
+    machine settings, any setting of a stage not begun, or the epochs of the stage in progress (not fewer than ran)."""
+    key, _, new = change
     if key in _MACHINE_SETTINGS:
         return True
+    begun = position["stage"] + (1 if position["epoch"] > 0 else 0)
     parts = key.split(".")
-    return parts[0] == "stages" and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) >= begun
+    if parts[0] != "stages" or len(parts) < 2 or not parts[1].isdigit():
+        return False
+    if int(parts[1]) >= begun:
+        return True
+    return key == f"stages.{position['stage']}.epochs" and isinstance(new, int) and new >= position["epoch"]
 
 
 def _advance(schedule: Any, steps: int) -> list[float]:
