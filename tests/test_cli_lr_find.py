@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 import frostline.cli.lr_find
+import frostline.recipe
 from frostline.cli.lr_find import DATA_FLAGS, RUN_FLAGS, STAGE_FLAGS, build_settings
 from frostline.cli.main import build_parser, main
 from frostline.config import DataConfig, FitConfig, load_config
@@ -210,11 +211,12 @@ def test_lr_find_sweeps_the_config_stage(recipe, tmp_path, capsys, monkeypatch):
     built = []
 
     def recording(*args, **kwargs):
-        built.append(groups := frostline.cli.lr_find.param_groups.__wrapped__(*args, **kwargs))
+        built.append(groups := recording.__wrapped__(*args, **kwargs))
         return groups
 
     recording.__wrapped__ = param_groups
-    monkeypatch.setattr(frostline.cli.lr_find, "param_groups", recording)
+    # lr-find starts the stage through the engine, as fit does: the groups it builds are recorded there
+    monkeypatch.setattr(frostline.recipe, "param_groups", recording)
     png = tmp_path / "lr.png"
     argv = ["lr-find", str(recipe), "--stage", "1", "--steps", "20", "--output", str(png), "--json"]
     assert main(argv) == 0

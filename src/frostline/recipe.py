@@ -183,6 +183,11 @@ class Recipe:
             augmented=config.data.augment != "none",
         )
 
+    @property
+    def epochs(self) -> int:
+        """The most epochs the whole recipe runs (the monitor may end stages sooner)."""
+        return sum(stage.epochs for stage in self.stages)
+
     def check(self, model: nn.Module, model_map: ModelMap) -> None:
         """Resolve every stage's freeze spec on the model, so a typo in stage 3 stops the run before stage 1.
 

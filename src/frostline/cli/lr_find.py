@@ -8,6 +8,7 @@ recipe), so the sweep runs with the freeze spec and rates that `fit` would use; 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import inspect
 import json
@@ -20,10 +21,10 @@ from frostline.cli.console import make_console
 from frostline.config import FitConfig, StageConfig, apply_overrides, load_config
 from frostline.dataset import prepare_data
 from frostline.errors import ConfigError
-from frostline.freeze import freeze
 from frostline.inspect import inspect_model
 from frostline.lr_finder import lr_find
-from frostline.optim import param_groups
+from frostline.optim import adamw
+from frostline.recipe import Recipe
 from frostline.report import plot_lr_find
 from frostline.sources import open_model
 from frostline.sources.models import FORMS, open_preprocess, open_tokenizer
@@ -265,17 +266,11 @@ def run(args: argparse.Namespace) -> int:
     loader = prepared.train_batches(config.data.batch_size, seed=seed)
 
     model_map = inspect_model(source.model, source.example_batch)
-    plan = freeze(source.model, stage.freeze, model_map)
+    # the stage as `frostline fit` starts it (freeze, groups, AdamW), its base rate at the sweep's start
+    swept = Recipe([dataclasses.replace(stage, lr=args.start_lr)]).start(0, source.model, model_map)
+    plan = swept.plan
     console.print(plan.summary(), highlight=False)
-    groups = param_groups(
-        source.model,
-        plan,
-        args.start_lr,
-        head_lr_mult=stage.head_lr_mult,
-        layer_decay=stage.layer_decay,
-        weight_decay=stage.weight_decay,
-    )
-    optimizer = torch.optim.AdamW(groups)
+    optimizer = adamw(swept.groups)
 
     columns = [
         TextColumn("sweep"),

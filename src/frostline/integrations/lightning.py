@@ -80,7 +80,7 @@ from frostline.errors import ConfigError
 from frostline.guard import Finding, GuardReport
 from frostline.inspect import ModelMap, inspect_model
 from frostline.optim import adamw, group_rates
-from frostline.recipe import Decision, EpochRecord, Recipe, Stage, steps_per_epoch
+from frostline.recipe import EpochRecord, Recipe, Stage, steps_per_epoch
 from frostline.train.monitor import Diagnosis
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
@@ -140,7 +140,6 @@ class FrostlineRecipe(Callback):
         self.findings: dict[str, list[Finding]] = {}
         """The set-up lint of each stage started in this process."""
         self.guard_reports: dict[str, GuardReport] = {}
-        self.decision: Decision | None = None
         self.diagnosis: Diagnosis | None = None
         """The monitor's verdict after the last epoch."""
         self.done = False
@@ -163,7 +162,7 @@ class FrostlineRecipe(Callback):
     @property
     def epochs(self) -> int:
         """Epochs the whole recipe may run: `L.Trainer(max_epochs=recipe.epochs)`."""
-        return sum(stage.epochs for stage in self.recipe.stages)
+        return self.recipe.epochs
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _check_trainer(trainer, pl_module)
@@ -241,8 +240,7 @@ class FrostlineRecipe(Callback):
         record = stage.record(self.history, *self._epoch_metrics(trainer), **self._epoch_extras(trainer))
         self.history.append(record)
         decision = self.recipe.decide(self.history, stage)
-        record.verdict, record.best = decision.diagnosis.verdict, decision.best
-        self.decision, self.diagnosis = decision, decision.diagnosis
+        self.diagnosis = decision.diagnosis
         # the epoch is counted: a checkpoint saved from here on resumes at the next epoch
         self._tally, self._awaiting_decision = _fresh_tally(trainer.global_step), False
         if decision.diagnosis.should_stop and decision.diagnosis.message:
@@ -373,6 +371,9 @@ class FrostlineRecipe(Callback):
         """The best weights that differ from the model's now: the model's own tensors are in the checkpoint."""
         if self.best_state is None or self._model is None:
             return None
+        if self.history and self.best_epoch == self.history[-1].epoch:
+            # the best weights are the model's own: nothing to compare (or copy off the device)
+            return {}
         now = self._model.state_dict()
         return {k: v for k, v in self.best_state.items() if k not in now or not torch.equal(v, now[k].cpu())}
 

@@ -208,8 +208,6 @@ class FrostlineCallback(TrainerCallback):
         """The stage in progress, or the last one."""
         self.stage_plans: dict[str, dict[str, Any]] = {}
         """Each started stage's freeze plan (`FreezePlan.to_dict()`), by stage name."""
-        self.stage_groups: dict[str, list[dict[str, Any]]] = {}
-        """Each started stage's parameter groups: name, initial lr, weight decay and tensor names."""
         self.best_state: dict[str, torch.Tensor] | None = None
         """A CPU copy of the best epoch's weights, restored into the model when training ends."""
         self.model_map: ModelMap | None = None
@@ -225,7 +223,7 @@ class FrostlineCallback(TrainerCallback):
     @property
     def epochs(self) -> int:
         """Epochs the whole recipe may run: `TrainingArguments(num_train_epochs=callback.epochs)`."""
-        return sum(stage.epochs for stage in self.recipe.stages)
+        return self.recipe.epochs
 
     def optimizers(self) -> tuple[StageOptimizer, StageSchedule]:
         """The optimizer and scheduler for `Trainer(optimizers=...)`: each stage's fresh AdamW and schedule."""
@@ -348,7 +346,7 @@ class FrostlineCallback(TrainerCallback):
             self._finish()
             self._next = None if decision.end_run else stage.index + 1
         if decision.end_run:
-            self.stop_reason = decision.stop_reason or self._every_stage_done()
+            self.stop_reason = decision.stop_reason or self.recipe.finished(self.history)
             control.should_training_stop = True
         return control
 
@@ -357,7 +355,7 @@ class FrostlineCallback(TrainerCallback):
             # stopped by something other than the recipe (another callback, max_steps)
             self._finish()
             if self.stop_reason is None:
-                self.stop_reason = f"the Trainer stopped at step {state.global_step:,d}; " + self._every_stage_done()
+                self.stop_reason = f"the Trainer stopped at step {state.global_step:,d}; " + self.recipe.finished(self.history)
         if self.best_state is not None:
             self._model.load_state_dict(self.best_state)
             best = self.history[self.recipe.monitor.best_index(self.history)]
@@ -367,16 +365,6 @@ class FrostlineCallback(TrainerCallback):
     def _start(self, index: int, resumed: dict[str, Any] | None = None) -> None:
         """Freeze for stage `index` and put its fresh AdamW and schedule behind the Trainer's optimizer."""
         stage = self.recipe.start(index, self._model, self.model_map, self.history)
-        names = {p: n for n, p in self._model.named_parameters()}
-        self.stage_groups[stage.config.name] = [
-            {
-                "name": g["name"],
-                "lr": g["lr"],
-                "weight_decay": g["weight_decay"],
-                "params": [names[p] for p in g["params"]],
-            }
-            for g in stage.groups
-        ]
         optimizer = self.optimizer.begin(stage, self._per_epoch)
         findings = stage.attach(optimizer)
         if resumed is not None:
@@ -392,9 +380,6 @@ class FrostlineCallback(TrainerCallback):
         report = self.stage.finish()
         self._open = False
         logger.info("stage %r: %s", self.stage.config.name, report.summary())
-
-    def _every_stage_done(self) -> str:
-        return self.recipe.finished(self.history)
 
     def _train_loss(self, state: TrainerState) -> float:
         """The mean of the Trainer's logged loss over the epoch's steps (each log covers the steps since the last)."""
