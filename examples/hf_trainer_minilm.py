@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
-from frostline import DataConfig, FitConfig, load_model
+from frostline import FitConfig, load_model
+from frostline.config import apply_overrides
 from frostline.dataset import prepare_data
 from frostline.integrations.transformers import FrostlineCallback, compute_accuracy
 from frostline.sources.models import open_tokenizer
@@ -64,10 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    config = FitConfig(data=DataConfig(max_length=args.max_length, limit=args.limit))
+    overrides = [f"data.max_length={args.max_length}", f"data.limit={args.limit if args.limit else 'null'}"]
     if args.epochs:
-        for stage, epochs in zip(config.stages, args.epochs.split(","), strict=True):
-            stage.epochs = int(epochs)
+        overrides += [f"stages.{i}.epochs={epochs}" for i, epochs in enumerate(args.epochs.split(","))]
+    config = apply_overrides(FitConfig(), overrides)  # checked like `frostline fit --set ...`
     tokenizer = open_tokenizer(config.model.ref)
     data = prepare_data(config.data, tokenizer, args.seed)  # the same split as `frostline fit --seed N`
     torch.manual_seed(args.seed)

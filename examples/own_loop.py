@@ -15,27 +15,22 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from frostline import Recipe, StageConfig, inspect_model, load_model
-from frostline.sources.data import encode_texts, load_bbc_news, stratified_split
+from frostline import DataConfig, Recipe, StageConfig, inspect_model, load_model
+from frostline.batches import TensorBatches
+from frostline.checkpoint import model_tensors
+from frostline.dataset import prepare_data
 from frostline.sources.models import open_tokenizer
 
 
-def batches(inputs: dict[str, torch.Tensor], labels: torch.Tensor, size: int, generator: torch.Generator | None):
-    order = torch.randperm(len(labels), generator=generator) if generator is not None else torch.arange(len(labels))
-    for start in range(0, len(labels), size):
-        index = order[start : start + size]
-        yield {k: v[index] for k, v in inputs.items()}, labels[index]
-
-
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[float, float]:
+def evaluate(model: torch.nn.Module, batches: TensorBatches) -> tuple[float, float]:
     model.eval()
     loss, correct = 0.0, 0
-    for batch, target in batches(inputs, labels, 64, None):
+    for batch, target in batches:
         logits = model(**batch)
         loss += F.cross_entropy(logits, target, reduction="sum").item()
         correct += (logits.argmax(-1) == target).sum().item()
-    return loss / len(labels), correct / len(labels)
+    return loss / len(batches.labels), correct / len(batches.labels)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,19 +41,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
 
-    # data: BBC News topics, a stratified split, tokenized once
-    news = load_bbc_news()
-    if args.limit:
-        keep = torch.randperm(len(news), generator=torch.Generator().manual_seed(args.seed))[: args.limit]
-        news = news.subset(sorted(keep.tolist()))
-    train_idx, val_idx = stratified_split(news.labels, 0.2, seed=args.seed)
-    tokenizer = open_tokenizer("hf:minilm")
-    train_x = encode_texts(tokenizer, [news.texts[i] for i in train_idx], args.max_length)
-    val_x = encode_texts(tokenizer, [news.texts[i] for i in val_idx], args.max_length)
-    train_y = torch.tensor([news.labels[i] for i in train_idx])
-    val_y = torch.tensor([news.labels[i] for i in val_idx])
+    # data: BBC News topics, the stratified split `frostline fit --seed N` uses, tokenized once
+    data = prepare_data(DataConfig(max_length=args.max_length, limit=args.limit), open_tokenizer("hf:minilm"), args.seed)
+    train = data.train_batches(16, seed=args.seed)
+    val = data.val_batches(64)
 
-    model, example = load_model("hf:minilm", num_classes=len(news.label_names))
+    model, example = load_model("hf:minilm", num_classes=len(data.label_names))
     model_map = inspect_model(model, example)
     recipe = Recipe(
         [
@@ -72,19 +60,18 @@ def main(argv: list[str] | None = None) -> dict:
     recipe.check(model, model_map)  # every stage's spec names something in this model, before any training
 
     history, best, decision = [], None, None
-    generator = torch.Generator().manual_seed(args.seed)
     for index in range(len(recipe.stages)):
         stage = recipe.start(index, model, model_map, history)  # freezes; fresh groups with their rates
         print(stage.plan.summary())
         optimizer = torch.optim.AdamW(stage.groups)
-        schedule = stage.schedule(optimizer, steps_per_epoch=-(-len(train_y) // 16))
+        schedule = stage.schedule(optimizer, steps_per_epoch=len(train))
         for finding in stage.attach(optimizer):  # the set-up lint; frozen tensors fingerprinted
             print(finding)
         trainable = [p for p in model.parameters() if p.requires_grad]
         for _ in range(stage.config.epochs):
             model.train()  # frozen entries stay in eval: freeze() holds them
             total, seen = 0.0, 0
-            for batch, target in batches(train_x, train_y, 16, generator):
+            for batch, target in train:
                 loss = F.cross_entropy(model(**batch), target)
                 optimizer.zero_grad()
                 loss.backward()
@@ -92,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
                 optimizer.step()
                 schedule.step()
                 total, seen = total + loss.item() * len(target), seen + len(target)
-            val_loss, val_accuracy = evaluate(model, val_x, val_y)
+            val_loss, val_accuracy = evaluate(model, val)
             history.append(stage.record(history, total / seen, val_loss, val_accuracy))
             decision = recipe.decide(history, stage)  # the verdict, best weights?, stage or run over?
             record = history[-1]
@@ -103,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
             if decision.diagnosis.message:
                 print(decision.diagnosis.message)
             if decision.best:
-                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best = model_tensors(model)
             if decision.end_stage:
                 break
         print(stage.finish().summary())  # raises FrozenWeightsChanged if a frozen tensor moved
