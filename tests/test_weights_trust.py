@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from frostline import ModelRefError, open_model
 from frostline.sources import vision
 from frostline.sources.vision import load_torchvision_weights
-from frostline.sources.weights import check_hash_prefix, read_weights
+from frostline.sources.weights import check_hash_prefix, read_cached_weights
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -201,7 +201,7 @@ def test_unreadable_files_are_named_with_what_is_wrong(tmp_path, write, problem)
     path = tmp_path / "weights.pth"
     write(path)
     with pytest.raises(ModelRefError) as info:
-        read_weights(path, "fix it")
+        read_cached_weights(path, "fix it")
     assert str(info.value).startswith(f"cannot use the weights file {path}: {problem}")
 
 
@@ -210,7 +210,7 @@ def test_truncated_files_are_refused_in_both_formats(tmp_path):
         save({"w": torch.ones(1000)}, path)
         path.write_bytes(path.read_bytes()[:-200])
         with pytest.raises(ModelRefError) as info:
-            read_weights(path, "fix it")
+            read_cached_weights(path, "fix it")
         assert str(info.value).startswith(f"cannot use the weights file {path}: it is not a readable weights file (")
         assert "\n" not in str(info.value)
 

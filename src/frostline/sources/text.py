@@ -11,6 +11,7 @@ import torch
 from frostline.errors import ModelRefError
 from frostline.sources.sentence import SentenceClassifier, pooling_of
 from frostline.sources.source import ModelSource
+from frostline.sources.weights import one_line
 
 EXAMPLE_TEXTS = [
     "Shares rose after the central bank held interest rates.",
@@ -49,12 +50,6 @@ def resolve_folder(name: str) -> Path:
     )
 
 
-def _reason(err: Exception) -> str:
-    """An exception as one short line for people."""
-    lines = str(err).splitlines()
-    return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__
-
-
 @contextlib.contextmanager
 def _quiet_transformers():
     from transformers.utils import logging
@@ -85,7 +80,7 @@ def open_tokenizer(name: str):
             return AutoTokenizer.from_pretrained(folder)
     except Exception as err:  # transformers raises many types for a folder it cannot read
         raise ModelRefError(
-            f"hf:{name}: cannot load a tokenizer from {folder} ({_reason(err)})"
+            f"hf:{name}: cannot load a tokenizer from {folder} ({one_line(err)})"
         ) from err
 
 
@@ -102,7 +97,7 @@ def open_text_model(name: str, num_classes: int | None) -> ModelSource:
         raise
     except Exception as err:  # transformers raises many types for a folder it cannot read
         raise ModelRefError(
-            f"hf:{name}: cannot load the model in {folder} ({_reason(err)}); "
+            f"hf:{name}: cannot load the model in {folder} ({one_line(err)}); "
             "frostline reads weights as safetensors or with torch.load(weights_only=True) and never runs code from "
             "the folder (no trust_remote_code)"
         ) from err

@@ -26,7 +26,7 @@ from torch import nn
 from frostline.errors import ModelRefError
 from frostline.sources.heads import replace_head
 from frostline.sources.source import ModelSource
-from frostline.sources.weights import bad_file, check_hash_prefix, load_tensors, one_line, read_weights
+from frostline.sources.weights import bad_file, check_hash_prefix, load_tensors, one_line, read_cached_weights
 
 if TYPE_CHECKING:
     from torchvision.models import WeightsEnum
@@ -52,7 +52,7 @@ def open_timm(name: str, num_classes: int | None) -> ModelSource:
     """`timm:NAME`, with pretrained weights when the local Hugging Face cache has them.
 
     Raises:
-        ModelRefError: the name is unknown, or a cached weights file cannot be used (see `read_weights`).
+        ModelRefError: the name is unknown, or a cached weights file cannot be used (see `read_cached_weights`).
     """
     import timm
 
@@ -112,7 +112,7 @@ def load_timm_weights(name: str, repo: str, path: Path) -> nn.Module:
     from huggingface_hub import hf_hub_url
 
     fix = f"delete it to use random weights, or replace it with the file from {hf_hub_url(repo, path.name)}"
-    state = read_weights(path, fix)
+    state = read_cached_weights(path, fix)
     if not _timm_takes_state_dict():
         model = timm.create_model(name, pretrained=False)
         filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
@@ -202,7 +202,7 @@ def load_torchvision_weights(name: str, weights: WeightsEnum, path: Path) -> nn.
 
     fix = f"delete it to use random weights, or replace it with the file from {weights.url}"
     check_hash_prefix(path, fix)
-    state = read_weights(path, fix)
+    state = read_cached_weights(path, fix)
     builder = torchvision.models.get_model_builder(name).__module__.rpartition(".")[2]
     model = torchvision.models.get_model(name, weights=None, **_torchvision_weight_kwargs(builder, weights))
     if builder == "densenet":

@@ -41,7 +41,7 @@ def check_hash_prefix(path: Path, fix: str) -> None:
         )
 
 
-def read_weights(path: Path, fix: str) -> dict[str, torch.Tensor]:
+def read_cached_weights(path: Path, fix: str) -> dict[str, torch.Tensor]:
     """Read a weights file as data: safetensors, or `torch.load(weights_only=True)`; nothing in it runs.
 
     Args:
