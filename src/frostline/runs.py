@@ -77,10 +77,9 @@ class TrainedRun:
                 the data changed since: re-splitting it would put training examples into validation.
         """
         config = self.config.data
-        record = _read_json(self.folder / "data.json", "the record of the run's data") if (
-            self.folder / "data.json"
-        ).is_file() else None
-        if record is None or not isinstance(record.get("fingerprint"), str):
+        path = self.folder / "data.json"
+        record = _read_json(path, "the record of the run's data") if path.is_file() else {}
+        if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), str):
             raise ConfigError(
                 f"{self.folder} records no validation split (data.json is missing: the run is from an older frostline, "
                 "or its data came from a py: factory); evaluate on held-out examples with --data FILE"
