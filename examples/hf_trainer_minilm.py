@@ -21,7 +21,7 @@ from transformers import Trainer, TrainingArguments
 from frostline import FitConfig, load_model
 from frostline.config import apply_overrides
 from frostline.dataset import prepare_data
-from frostline.integrations.transformers import FrostlineCallback, compute_accuracy
+from frostline.integrations.transformers import FrostlineCallback
 from frostline.sources.models import open_tokenizer
 
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
             args=training,
             train_dataset=Examples(data.train_inputs, data.train_labels),
             eval_dataset=Examples(data.val_inputs, data.val_labels),
-            compute_metrics=compute_accuracy,
+            compute_metrics=callback.compute_metrics,
             callbacks=[callback],
             optimizers=callback.optimizers(),
         )

@@ -82,9 +82,10 @@ class Classifier(L.LightningModule):
     """A LightningModule around a pretrained classifier, as the recipe needs it: the model in `net`, the loss
     returned from `training_step`, `val_loss` and `val_accuracy` logged per epoch."""
 
-    def __init__(self, net: torch.nn.Module, example: torch.Tensor):
+    def __init__(self, net: torch.nn.Module, example: torch.Tensor, recipe: FrostlineRecipe | None = None):
         super().__init__()
         self.net = net
+        self.recipe = recipe
         # the recipe maps the model by running this input through it (forward order)
         self.example_input_array = example
 
@@ -101,6 +102,8 @@ class Classifier(L.LightningModule):
         # weighted by batch size, so a short last batch counts as much as its examples
         self.log("val_loss", F.cross_entropy(logits, y), batch_size=len(y))
         self.log("val_accuracy", (logits.argmax(-1) == y).float().mean(), batch_size=len(y))
+        if self.recipe is not None:
+            self.recipe.record_validation(logits, y)  # the monitor then knows each example: paired comparisons
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.0)  # Lightning requires one; FrostlineRecipe replaces it
@@ -139,10 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
     L.seed_everything(seed, verbose=False)  # the new head's initialisation, as frostline fit seeds it
     net, _ = load_model(config.model.ref, num_classes=len(data.label_names))
     example = data.val_transform(data.val_inputs[:2], None)  # two real inputs at the run's image size
-    module = Classifier(net, example)
+    recipe = FrostlineRecipe(config.stages, patience=config.run.patience, min_delta=config.run.min_delta, model="net")
+    module = Classifier(net, example, recipe)
     train_loader, val_loader = loaders(data, config, seed)
 
-    recipe = FrostlineRecipe(config.stages, patience=config.run.patience, min_delta=config.run.min_delta, model="net")
     cuda = torch.cuda.is_available()
     trainer = L.Trainer(
         accelerator="cuda" if cuda else "cpu",

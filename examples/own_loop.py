@@ -15,7 +15,15 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from frostline import DataConfig, Recipe, StageConfig, inspect_model, load_model
+from frostline import (
+    DataConfig,
+    Recipe,
+    StageConfig,
+    ValidationExamples,
+    examples_from_logits,
+    inspect_model,
+    load_model,
+)
 from frostline.batches import TensorBatches
 from frostline.checkpoint import model_tensors
 from frostline.dataset import prepare_data
@@ -23,14 +31,11 @@ from frostline.sources.models import open_tokenizer
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: TensorBatches) -> tuple[float, float]:
+def evaluate(model: torch.nn.Module, batches: TensorBatches) -> ValidationExamples:
+    """Each validation example's loss and correctness: the monitor measures every change against their noise."""
     model.eval()
-    loss, correct = 0.0, 0
-    for batch, target in batches:
-        logits = model(**batch)
-        loss += F.cross_entropy(logits, target, reduction="sum").item()
-        correct += (logits.argmax(-1) == target).sum().item()
-    return loss / len(batches.labels), correct / len(batches.labels)
+    parts = [examples_from_logits(model(**batch), target) for batch, target in batches]
+    return ValidationExamples(torch.cat([p.losses for p in parts]), torch.cat([p.correct for p in parts]))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -79,8 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
                 optimizer.step()
                 schedule.step()
                 total, seen = total + loss.item() * len(target), seen + len(target)
-            val_loss, val_accuracy = evaluate(model, val)
-            history.append(stage.record(history, total / seen, val_loss, val_accuracy))
+            examples = evaluate(model, val)
+            val_loss, val_accuracy = examples.losses.double().mean().item(), examples.correct.double().mean().item()
+            history.append(stage.record(history, total / seen, val_loss, val_accuracy, examples))
             decision = recipe.decide(history, stage)  # the verdict, best weights?, stage or run over?
             record = history[-1]
             print(

@@ -316,3 +316,25 @@ def test_what_the_recipe_cannot_run_with_is_named_before_the_first_step(settings
         _trainer([recipe], max_epochs=1, **settings).fit(Digits(net))
     assert message in str(err.value)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+class DigitsRecorded(Digits):
+    """Digits whose validation_step hands the recipe each example's logits and label."""
+
+    def __init__(self, net, recipe):
+        super().__init__(net)
+        self.recipe = recipe
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        self.recipe.record_validation(self.net(batch[0]), batch[1])
+
+
+def test_record_validation_gives_the_monitor_each_validation_example():
+    recipe = FrostlineRecipe(STAGES, model="net", patience=5)
+    _trainer([recipe]).fit(DigitsRecorded(_net(), recipe))
+
+    size = len(DATA["val"][1])
+    for record in recipe.history:
+        assert record.val_count == len(record.examples) == size
+        assert record.examples.correct.double().mean().item() == pytest.approx(record.val_accuracy)

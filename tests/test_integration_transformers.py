@@ -371,3 +371,26 @@ def test_a_config_file_gives_its_stages_patience_and_min_delta(tmp_path):
     callback = FrostlineCallback(path)
     assert [(s.name, s.freeze, s.epochs) for s in callback.recipe.stages] == [("head", "head", 2), ("last2", "last:2", 3)]
     assert (callback.recipe.monitor.patience, callback.recipe.monitor.min_delta, callback.epochs) == (4, 0.01, 5)
+
+
+def test_the_callbacks_compute_metrics_gives_the_monitor_each_validation_example(tmp_path):
+    model, _ = tiny_bert()
+    callback = FrostlineCallback(STAGES)
+    trainer = _trainer(model, callback, _args(tmp_path, callback.epochs))
+    trainer.compute_metrics = callback.compute_metrics
+    trainer.train()
+
+    for record in callback.history:
+        assert record.val_count == len(record.examples) == 32
+        assert record.examples.correct.double().mean().item() == pytest.approx(record.val_accuracy)
+        assert record.examples.losses.double().mean().item() == pytest.approx(record.val_loss, rel=1e-4)
+
+
+def test_compute_accuracy_gives_the_monitor_the_size_and_spread_of_the_validation_set(tmp_path):
+    model, _ = tiny_bert()
+    callback = FrostlineCallback(STAGES)
+    _trainer(model, callback, _args(tmp_path, callback.epochs)).train()
+
+    for record in callback.history:
+        assert record.examples is None
+        assert record.val_count == 32 and record.val_loss_sd > 0

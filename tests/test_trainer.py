@@ -64,6 +64,10 @@ def test_run_folder_holds_config_metrics_best_weights_and_labels(tmp_path):
     lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
     assert {"train_loss", "val_loss", "val_accuracy", "lr", "trainable_tensors", "train_seconds"} <= set(lines[0])
+    # the validation set's noise is recorded with every epoch; each example's results stay out of metrics.jsonl
+    assert all(r["val_count"] == len(trainer.data.val_labels) and r["val_loss_sd"] > 0 for r in lines)
+    assert "examples" not in lines[0]
+    assert trainer.history[-1].examples.losses.double().mean().item() == pytest.approx(lines[-1]["val_loss"])
     assert json.loads((folder / "head.json").read_text())["labels"] == [str(i) for i in range(10)]
     assert json.loads((folder / "config.json").read_text())["model"]["ref"] == "py:tiny_task:model"
     best = load_file(str(folder / "best.safetensors"))
@@ -97,6 +101,11 @@ def test_resume_after_a_kill_reaches_the_same_final_weights(tmp_path, kill_after
     best_b = load_file(str(tmp_path / "b" / "run" / "best.safetensors"))
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
     assert [r.val_loss for r in straight.history] == [r.val_loss for r in resumed.history]
+    # the monitor's per-example evidence of the epochs before the kill came back with the checkpoint
+    for a_record, b_record in zip(straight.history, resumed.history, strict=True):
+        assert torch.equal(a_record.examples.losses, b_record.examples.losses)
+        assert torch.equal(a_record.examples.correct, b_record.examples.correct)
+    assert [r.verdict for r in straight.history] == [r.verdict for r in resumed.history]
     assert len((tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()) == 4
     assert [r.freeze for r in resumed.history] == ["head", "head", "last:1", "last:1"]
 

@@ -16,6 +16,7 @@ from frostline.lr_finder import LRFinderResult, lr_find
 from frostline.optim import build_schedule, param_groups
 from frostline.recipe import Decision, EpochRecord, Recipe, Stage
 from frostline.sources import ModelSource, load_model, open_model
+from frostline.train.evidence import ValidationExamples, examples_from_logits
 from frostline.train.monitor import Diagnosis, OverfitMonitor
 from frostline.train.trainer import FitResult, Trainer, fit
 
@@ -49,9 +50,11 @@ __all__ = [
     "Stage",
     "StageConfig",
     "Trainer",
+    "ValidationExamples",
     "__version__",
     "build_schedule",
     "check_setup",
+    "examples_from_logits",
     "fit",
     "freeze",
     "inspect_model",

@@ -154,13 +154,16 @@ def save_checkpoint(
     schedule: Any,
     rng: dict[str, torch.Tensor],
     state: dict[str, Any],
+    examples: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a complete checkpoint into `folder/checkpoint/`, replacing the previous one only once whole."""
+    """Write a complete checkpoint into `folder/checkpoint/`, replacing the previous one only once whole; `examples`
+    are the validation examples' results per epoch (for the monitor after a resume)."""
     new, current, old = folder / "checkpoint.new", folder / "checkpoint", folder / "checkpoint.old"
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
     tensors = {f"model.{k}": v for k, v in model_tensors(model).items()}
     tensors |= {f"rng.{k}": v for k, v in rng.items()}
+    tensors |= {f"examples.{k}": v for k, v in (examples or {}).items()}
     meta: dict[str, Any] = {"trainer": state}
     if optimizer is not None:
         opt_tensors, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
@@ -203,6 +206,7 @@ def read_checkpoint(folder: Path) -> dict[str, Any]:
             return {
                 "model": {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
                 "rng": {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")},
+                "examples": {k[9:]: v for k, v in tensors.items() if k.startswith("examples.")},
                 "optimizer": optimizer,
                 "schedule": meta.get("schedule"),
                 "trainer": meta["trainer"],

@@ -37,6 +37,7 @@ from frostline.freeze import FreezePlan, freeze, plan_freeze
 from frostline.guard import Finding, FreezeGuard, GuardReport, check_setup
 from frostline.inspect import ModelMap
 from frostline.optim import build_schedule, param_groups
+from frostline.train.evidence import ValidationExamples
 from frostline.train.monitor import Diagnosis, OverfitMonitor
 
 
@@ -72,9 +73,18 @@ class EpochRecord:
     cache: str | None = None
     """What the epoch trained from the feature cache, if anything."""
     cache_seconds: float = 0.0
+    val_count: int = 0
+    """Validation examples the epoch was judged on (0: not recorded)."""
+    val_loss_sd: float | None = None
+    """Spread (standard deviation) of the validation examples' losses: the validation loss's noise."""
+    examples: ValidationExamples | None = field(default=None, repr=False, compare=False)
+    """Each validation example's loss and correctness (kept with checkpoints, not in metrics.jsonl)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The record as a metrics.jsonl line (without the per-example results)."""
+        values = dataclasses.asdict(dataclasses.replace(self, examples=None))
+        del values["examples"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EpochRecord:
@@ -129,10 +139,19 @@ class Stage:
         return self.findings
 
     def record(
-        self, history: Sequence[EpochRecord], train_loss: float, val_loss: float, val_accuracy: float, **more: Any
+        self,
+        history: Sequence[EpochRecord],
+        train_loss: float,
+        val_loss: float,
+        val_accuracy: float,
+        examples: ValidationExamples | None = None,
+        **more: Any,
     ) -> EpochRecord:
-        """The record of the epoch that follows `history` in this stage (its counts and spec filled in); `more`
-        sets any other field (train_accuracy, lr, train_seconds, ...)."""
+        """The record of the epoch that follows `history` in this stage (its counts and spec filled in); `examples`
+        (each validation example's loss and correctness) lets the monitor measure every change against the
+        validation set's noise; `more` sets any other field (train_accuracy, lr, train_seconds, val_count, ...)."""
+        if examples is not None:
+            more = {"val_count": len(examples), "val_loss_sd": round(examples.loss_sd, 6)} | more
         return EpochRecord(
             epoch=len(history) + 1,
             stage=self.config.name,
@@ -144,6 +163,7 @@ class Stage:
             val_accuracy=val_accuracy,
             trainable_tensors=self.plan.trainable_tensors,
             trainable_params=self.plan.trainable_params,
+            examples=examples,
             **more,
         )
 
@@ -235,7 +255,8 @@ class Recipe:
         stage_epoch = len(history) - stage.since
         has_next = stage.index + 1 < len(self.stages)
         stop = None
-        if diagnosis.verdict == "overfitting" and stage.plan.spec.mode == "head" and has_next:
+        overfit = diagnosis.verdict == "overfitting" and diagnosis.should_stop
+        if overfit and stage.plan.spec.mode == "head" and has_next:
             following = self.stages[stage.index + 1]
             note = (
                 f"the head has learned what the frozen features allow; stage {following.name!r} ({following.freeze}) "
@@ -245,9 +266,10 @@ class Recipe:
             diagnosis = dataclasses.replace(
                 diagnosis, message=f"{diagnosis.message} {note[0].upper()}{note[1:]}.", advice=[]
             )
-        elif diagnosis.verdict == "overfitting":
+        elif overfit:
+            level = f", {diagnosis.label}" if diagnosis.level else ""
             stop = (
-                f"overfitting began at epoch {diagnosis.began_epoch} (stage {stage.config.name}); "
+                f"overfitting began at epoch {diagnosis.began_epoch} (stage {stage.config.name}{level}); "
                 f"stopped at epoch {history[-1].epoch}"
             )
         end_stage = stop is not None or diagnosis.should_stop or stage_epoch >= stage.config.epochs
@@ -266,7 +288,7 @@ class Recipe:
             records = [r for r in history if r.stage_index == index]
             if not records:
                 continue
-            if records[-1].verdict in ("plateau", "overfitting") and len(records) < stage.epochs:
+            if records[-1].verdict in ("converged", "plateau", "overfitting") and len(records) < stage.epochs:
                 endings.append(f"{stage.name}: {records[-1].verdict} after {len(records)} of {stage.epochs} epochs")
             else:
                 endings.append(f"{stage.name}: all {len(records)} epochs")

@@ -132,11 +132,11 @@ class RichReporter:
             f"val loss {record.val_loss:.4f}  val acc {100 * record.val_accuracy:.2f}%  {seconds:.1f}s{best}",
             highlight=False,
         )
-        if diagnosis.verdict == "overfitting":
+        if diagnosis.verdict == "overfitting" and diagnosis.should_stop:
             self.console.print(f"[bold red]{diagnosis.message}[/]", highlight=False)
             for line in diagnosis.advice:
                 self.console.print(f"[red]  - {line}[/]", highlight=False)
-        elif diagnosis.verdict == "plateau":
+        elif diagnosis.verdict != "improving":
             self.console.print(f"[yellow]{diagnosis.message}[/]", highlight=False)
 
 

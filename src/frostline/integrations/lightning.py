@@ -28,7 +28,9 @@ What your LightningModule must do:
 - keep the model being fine-tuned in one attribute (`model="net"`), or be that model (`model=None`, the default);
 - set `example_input_array` to an input of that model (or pass `example_batch=`): the map follows forward order;
 - return the loss from `training_step` (automatic optimization), and log `val_loss` and `val_accuracy` (or `val_acc`)
-  in `validation_step`; other names: `FrostlineRecipe(val_loss=..., val_accuracy=...)`. The training loss of an
+  in `validation_step`; other names: `FrostlineRecipe(val_loss=..., val_accuracy=...)`. Calling
+  `recipe.record_validation(logits, labels)` there too lets the monitor measure each change against the validation
+  set's noise, paired over the same examples. The training loss of an
   epoch is the mean of the losses `training_step` returned (`train_loss=NAME` reads a logged metric instead);
 - define `configure_optimizers` (Lightning requires one), returning any optimizer: it is replaced before the first
   step by each stage's AdamW over `stage.groups` (or `optimizer=`) and its schedule, stepped every step;
@@ -81,6 +83,7 @@ from frostline.guard import Finding, GuardReport
 from frostline.inspect import ModelMap, inspect_model
 from frostline.optim import adamw, group_rates
 from frostline.recipe import EpochRecord, Recipe, Stage, steps_per_epoch
+from frostline.train.evidence import ValidationExamples, examples_from_logits, join_examples
 from frostline.train.monitor import Diagnosis
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
@@ -157,6 +160,13 @@ class FrostlineRecipe(Callback):
         self._restored: dict[str, Any] | None = None
         self._tally: dict[str, Any] = _fresh_tally(0)
         self._awaiting_decision = False
+        self._examples: list[ValidationExamples] = []
+
+    def record_validation(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Call in `validation_step` with the batch's logits and labels: the monitor then knows each validation
+        example's loss and correctness, and compares epochs paired over the same examples (without it, it reads the
+        validation set's size off the accuracy's steps)."""
+        self._examples.append(examples_from_logits(logits, labels))
 
     # ---- fit start ------------------------------------------------------------------------------
     @property
@@ -229,6 +239,7 @@ class FrostlineRecipe(Callback):
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._tally["validation"] = time.perf_counter()
+        self._examples = []
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.stage is None or trainer.state.fn != TrainerFn.FITTING:
@@ -237,7 +248,8 @@ class FrostlineRecipe(Callback):
             self._epoch_metrics(trainer, with_train_loss=False)  # a missing metric is named before the first step
             return
         stage = self.stage
-        record = stage.record(self.history, *self._epoch_metrics(trainer), **self._epoch_extras(trainer))
+        examples = join_examples(self._examples)
+        record = stage.record(self.history, *self._epoch_metrics(trainer), examples, **self._epoch_extras(trainer))
         self.history.append(record)
         decision = self.recipe.decide(self.history, stage)
         self.diagnosis = decision.diagnosis

@@ -4,7 +4,7 @@ overfitting monitor, every stage decision made by `frostline.recipe.Recipe`.
     callback = FrostlineCallback([StageConfig("head", "head", epochs=2, lr=1e-3),
                                   StageConfig("last2", "last:2", epochs=2, lr=1e-4)])
     trainer = Trainer(model, TrainingArguments(..., eval_strategy="epoch", num_train_epochs=callback.epochs),
-                      train_dataset=train, eval_dataset=val, compute_metrics=compute_accuracy,
+                      train_dataset=train, eval_dataset=val, compute_metrics=callback.compute_metrics,
                       callbacks=[callback], optimizers=callback.optimizers())
     trainer.train()      # the model ends with the best epoch's weights; callback.history, .diagnosis, .stop_reason
 
@@ -29,9 +29,11 @@ What the user passes:
 - `TrainingArguments(eval_strategy="epoch", num_train_epochs=callback.epochs)`: stages advance at epoch
   boundaries (a stage is `StageConfig.epochs` epochs of the Trainer, fewer when the monitor ends it), and the
   monitor judges each epoch's evaluation. More epochs than the recipe are allowed: the run stops at its end.
-- `compute_metrics` returning `accuracy` (for example `compute_accuracy` below): the monitor reads the
-  validation accuracy from the Trainer's `eval_accuracy` and the validation loss from `eval_loss`; the training
-  loss of an epoch is the mean of the Trainer's logged `loss` over that epoch's steps (the callback asks the
+- `compute_metrics` returning `accuracy`: the monitor reads the validation accuracy from the Trainer's
+  `eval_accuracy` and the validation loss from `eval_loss`. `callback.compute_metrics` also gives it each example's
+  loss and correctness, so every comparison between epochs is paired over the same examples and knows its noise;
+  `compute_accuracy` gives the number of examples and the spread of their losses (wider, unpaired errors). The
+  training loss of an epoch is the mean of the Trainer's logged `loss` over that epoch's steps (the callback asks the
   Trainer to log at every epoch end).
 - one process: DistributedDataParallel fixes the set of trainable tensors when it wraps the model, and stages
   change that set, so `world_size > 1` (and DataParallel over several GPUs) is refused.
@@ -64,17 +66,28 @@ from frostline.errors import ConfigError
 from frostline.inspect import ModelMap, inspect_model
 from frostline.optim import adamw, group_rates
 from frostline.recipe import EpochRecord, Recipe, Stage, steps_per_epoch
+from frostline.train.evidence import ValidationExamples, examples_from_logits
 from frostline.train.monitor import Diagnosis
 
 logger = logging.getLogger(__name__)
 
 
 def compute_accuracy(eval_pred: Any) -> dict[str, float]:
-    """`compute_metrics` for the Trainer: the share of examples whose highest logit is the label."""
+    """`compute_metrics` for the Trainer: the share of examples whose highest logit is the label, the number of
+    examples and the spread of their losses (the monitor's measure of the validation set's noise)."""
+    examples = _examples(eval_pred)
+    return {
+        "accuracy": float(examples.correct.double().mean()),
+        "examples": float(len(examples)),
+        "loss_sd": examples.loss_sd,
+    }
+
+
+def _examples(eval_pred: Any) -> ValidationExamples:
     logits, labels = eval_pred.predictions, eval_pred.label_ids
     if isinstance(logits, (tuple, list)):
         logits = logits[0]
-    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+    return examples_from_logits(np.asarray(logits), np.asarray(labels))
 
 
 class StageOptimizer(torch.optim.Optimizer):
@@ -219,6 +232,7 @@ class FrostlineCallback(TrainerCallback):
         self._epoch_start = 0.0
         self._train_seconds = 0.0
         self._trace: dict[str, list[float]] = {}
+        self._examples: ValidationExamples | None = None
 
     @property
     def epochs(self) -> int:
@@ -228,6 +242,12 @@ class FrostlineCallback(TrainerCallback):
     def optimizers(self) -> tuple[StageOptimizer, StageSchedule]:
         """The optimizer and scheduler for `Trainer(optimizers=...)`: each stage's fresh AdamW and schedule."""
         return self.optimizer, self.schedule
+
+    def compute_metrics(self, eval_pred: Any) -> dict[str, float]:
+        """`compute_accuracy` that also hands the callback each validation example's loss and correctness, so the
+        monitor compares epochs paired over the same examples: `Trainer(..., compute_metrics=callback.compute_metrics)`."""
+        self._examples = _examples(eval_pred)
+        return compute_accuracy(eval_pred)
 
     # ---- checks -------------------------------------------------------------------------------
     def _check_args(self, args: TrainingArguments) -> None:
@@ -325,11 +345,15 @@ class FrostlineCallback(TrainerCallback):
                 "pass Trainer(..., compute_metrics=compute_accuracy) from frostline.integrations.transformers, "
                 "or a compute_metrics that returns 'accuracy', and one eval_dataset"
             )
+        examples, self._examples = self._examples, None
+        noise = {"val_count": int(metrics.get("eval_examples", 0)), "val_loss_sd": metrics.get("eval_loss_sd")}
         record = stage.record(
             self.history,
             self._train_loss(state),
             float(metrics["eval_loss"]),
             float(metrics["eval_accuracy"]),
+            examples,
+            **({} if examples is not None else noise),
             lr=group_rates(self.optimizer),
             lr_trace=self._trace,
             steps=state.global_step - len(self.history) * self._per_epoch,

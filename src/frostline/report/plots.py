@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,38 @@ def plot_lr_find(result: LRFinderResult, path: str | Path, title: str = "learnin
     return path
 
 
+def _noise_bands(ax_loss, ax_acc, history: list[EpochRecord]) -> None:
+    """Shade one standard error around the validation loss and accuracy: what the validation set can resolve."""
+    known = [r for r in history if r.val_count]
+    if not known:
+        return
+    n = known[-1].val_count
+    xs = [r.epoch for r in known]
+    accuracy = [100 * r.val_accuracy for r in known]
+    acc_se = [100 * math.sqrt(max(r.val_accuracy * (1 - r.val_accuracy), 0.0) / r.val_count) for r in known]
+    ax_acc.fill_between(
+        xs,
+        [a - e for a, e in zip(accuracy, acc_se, strict=True)],
+        [a + e for a, e in zip(accuracy, acc_se, strict=True)],
+        color="tab:orange",
+        alpha=0.2,
+        linewidth=0,
+        label=f"± 1 standard error ({n:,d} examples)",
+    )
+    spread = [r for r in known if r.val_loss_sd is not None]
+    if spread:
+        loss_se = [r.val_loss_sd / math.sqrt(r.val_count) for r in spread]
+        ax_loss.fill_between(
+            [r.epoch for r in spread],
+            [r.val_loss - e for r, e in zip(spread, loss_se, strict=True)],
+            [r.val_loss + e for r, e in zip(spread, loss_se, strict=True)],
+            color="tab:orange",
+            alpha=0.2,
+            linewidth=0,
+            label=f"± 1 standard error ({n:,d} examples)",
+        )
+
+
 def plot_training(
     history: list[EpochRecord],
     path: str | Path,
@@ -93,6 +126,7 @@ def plot_training(
         alpha=0.6,
         label="training accuracy",
     )
+    _noise_bands(ax_loss, ax_acc, history)
 
     groups: dict[str, tuple[list[float], list[float]]] = {}
     for i, record in enumerate(history):

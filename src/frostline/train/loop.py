@@ -114,6 +114,10 @@ class EvalResult:
     predictions: torch.Tensor
     probabilities: torch.Tensor
     seconds: float
+    losses: torch.Tensor
+    """Each example's loss (float32), in the order of the batches."""
+    correct: torch.Tensor
+    """Whether each example was predicted right (bool)."""
 
 
 @torch.inference_mode()
@@ -123,16 +127,23 @@ def evaluate(
     """Loss and accuracy of `forward` on `batches`, in eval mode (the modules' flags are restored)."""
     start = time.perf_counter()
     with eval_mode(*(modules or [])):
-        total, correct, seen, preds, probs = 0.0, 0, 0, [], []
+        losses, rights, preds, probs = [], [], [], []
         for inputs, labels in batches:
             inputs, labels = batch_to(inputs, runtime.device), labels.to(runtime.device)
             with runtime.autocast():
                 logits = forward(inputs).float()
-            total += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(dim=-1) == labels).sum().item()
-            seen += len(labels)
+            losses.append(F.cross_entropy(logits, labels, reduction="none").cpu())
+            rights.append((logits.argmax(dim=-1) == labels).cpu())
             preds.append(logits.argmax(dim=-1).cpu())
             probs.append(logits.softmax(dim=-1).cpu())
+    each, correct = torch.cat(losses), torch.cat(rights)
+    seen = max(len(each), 1)
     return EvalResult(
-        total / max(seen, 1), correct / max(seen, 1), torch.cat(preds), torch.cat(probs), time.perf_counter() - start
+        each.double().sum().item() / seen,
+        correct.sum().item() / seen,
+        torch.cat(preds),
+        torch.cat(probs),
+        time.perf_counter() - start,
+        each,
+        correct,
     )

@@ -1,8 +1,19 @@
 """Knowing when to stop: the overfitting monitor, a pure function of the epoch history.
 
-When the training loss keeps falling while the validation metric stops improving and the validation
-loss no longer falls, the model is memorising the training data instead of generalising: that is
-overfitting, and training on only makes it worse. When neither improves, training has converged.
+When the training loss keeps falling while validation stops getting better, the model is memorising the training
+data instead of generalising: overfitting, and training on only makes it worse. Every comparison between epochs is
+made against the noise of the validation set (`frostline.train.evidence`): paired over the same examples when each
+example's loss and correctness were recorded, so a step of one example is not read as a trend. The verdicts:
+
+- improving: validation set a new best within `patience` epochs, or its loss or metric still moves the right way
+  beyond noise;
+- converged: neither validation nor training loss moves beyond what the validation set can resolve;
+- overfitting, onset: the training loss keeps falling by more than the validation set resolves while validation
+  stalls within noise (the seed's question 4);
+- overfitting, proved: validation loss has risen above its low, or the metric fallen below its best, beyond noise,
+  while the training loss fell;
+- plateau: a later stage that has not beaten an earlier stage's best and still fits the training data worse than
+  that epoch did (unfreezing set the model back; not memorising).
 """
 
 from __future__ import annotations
@@ -11,10 +22,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from frostline.train.evidence import SIGNIFICANT, Change, count_of, loss_change, loss_resolution, metric_change
+
 if TYPE_CHECKING:
     from frostline.recipe import EpochRecord
 
-Verdict = Literal["improving", "plateau", "overfitting"]
+Verdict = Literal["improving", "converged", "overfitting", "plateau"]
+Level = Literal["onset", "proved"]
 
 ADVICE = [
     "stop here: the best weights are kept",
@@ -29,22 +43,34 @@ AUGMENTED_ADVICE = (
 
 @dataclass(frozen=True)
 class Diagnosis:
-    """What the history says, and since when."""
+    """What the history says, on what evidence, and since when."""
 
     verdict: Verdict
     best_epoch: int
     """Epoch (1-based, across stages) with the best validation result so far."""
     epochs_since_best: int
     began_epoch: int | None = None
-    """First epoch of overfitting (the epoch after the best one)."""
+    """First epoch of overfitting (the epoch after validation last improved)."""
     gap: float | None = None
     """Validation loss minus training loss at the last epoch."""
     message: str = ""
     advice: list[str] = field(default_factory=list)
+    level: Level | None = None
+    """For overfitting: its onset (training improves, validation stalls within noise) or proved (validation got
+    worse beyond noise)."""
+    continues: bool = False
+    """Overfitting is proved in the loss, but the metric still sets bests: training goes on while it does."""
 
     @property
     def should_stop(self) -> bool:
-        return self.verdict != "improving"
+        return self.verdict != "improving" and not self.continues
+
+    @property
+    def label(self) -> str:
+        """The verdict in words: 'onset of overfitting', 'overfitting proved', 'converged', ..."""
+        if self.verdict == "overfitting":
+            return "onset of overfitting" if self.level == "onset" else "overfitting proved"
+        return self.verdict
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -55,7 +81,8 @@ class OverfitMonitor:
     """Compares the trend of the training loss with the validation metric and loss after each epoch.
 
     Each history record (an `EpochRecord`) gives `train_loss`, `val_loss` and `val_accuracy` (or the field named
-    by `metric`).
+    by `metric`); with `examples` (each validation example's loss and correctness) or `val_count` and
+    `val_loss_sd`, the comparisons know the validation set's noise (see `frostline.train.evidence`).
     """
 
     patience: int = 2
@@ -63,11 +90,9 @@ class OverfitMonitor:
     min_delta: float = 0.0
     """Smallest rise in the metric that counts as better."""
     train_drop: float = 0.02
-    """Relative fall of the training loss that counts as 'still falling'."""
+    """Smallest relative fall of the training loss that counts as 'still falling'."""
     val_rise: float = 0.05
-    """Relative rise of the validation loss above its low that counts as 'rising'."""
-    val_fall: float = 0.01
-    """Relative fall of the validation loss below the stage's earlier low that counts as 'still improving'."""
+    """Smallest relative rise of the validation loss above its low that counts as overfitting, however certain."""
     metric: str = "val_accuracy"
     augmented: bool = False
     """The training data is already augmented: the advice says so instead of suggesting augmentation."""
@@ -87,91 +112,154 @@ class OverfitMonitor:
                 best = i
         return best
 
-    def val_loss_still_falling(self, history: Sequence[EpochRecord], since: int = 0) -> bool:
-        """Whether the last `patience` epochs set a validation-loss low of the stage, `val_fall` below its earlier low."""
-        window = len(history) - self.patience
-        earlier = [r.val_loss for r in history[since:window]]
-        recent = [r.val_loss for r in history[max(since, window) :]]
-        return bool(earlier) and min(recent) < min(earlier) * (1 - self.val_fall)
-
     def diagnose(self, history: Sequence[EpochRecord], since: int = 0) -> Diagnosis:
         """The verdict on `history` (one record per epoch); `since` is where the current stage began.
 
-        Overfitting is named when the training loss keeps falling while either the validation loss
-        has stayed above its low for `patience` epochs, or the validation metric has not improved
-        for `patience` epochs and the validation loss no longer falls. A plateau is neither getting better:
-        while the validation loss still sets lows of the stage, the stage goes on. The best record is searched
-        over the whole history, so a stage that never beats an earlier stage's best is stopped after
-        `patience` epochs of its own.
+        The best record is searched over the whole history, so a stage that never beats an earlier stage's best is
+        judged against it; a stage always gets `patience` epochs of its own.
         """
         if not history:
             return Diagnosis("improving", best_epoch=0, epochs_since_best=0)
         best = self.best_index(history)
+        t = len(history) - 1
+        waited = t - best
+        count = count_of(history[-1], history, self.metric)
+        proof = self._proof(history, since, best, count)
+        climbing = self._climbing(history, since, count)
+        if proof is not None:
+            return self._proved(history, best, proof, count, continues=waited < self.patience or climbing is not None)
+        if waited < self.patience or t - since + 1 < self.patience or climbing or self._loss_falling(history, since, count):
+            return Diagnosis("improving", best + 1, waited, gap=history[-1].val_loss - history[-1].train_loss)
+        return self._stalled(history, since, best, count)
+
+    def _loss_falling(self, history: Sequence[EpochRecord], since: int, count: int | None) -> Change | None:
+        """The lowest validation loss of the last `patience` epochs, beyond noise below the stage's earlier low."""
+        window = len(history) - self.patience
+        if window <= since:
+            return None
+        earlier = min(range(since, window), key=lambda i: history[i].val_loss)
+        recent = min(range(window, len(history)), key=lambda i: history[i].val_loss)
+        change = loss_change(history[earlier], history[recent], count)
+        return change if change.beyond_noise(-1) else None
+
+    def _climbing(self, history: Sequence[EpochRecord], since: int, count: int | None) -> Change | None:
+        """The metric now, beyond noise above where it stood `patience` epochs ago in the stage."""
+        then = len(history) - 1 - self.patience
+        if then < since:
+            return None
+        change = metric_change(history[then], history[-1], self.metric, count)
+        return change if change.beyond_noise(+1) and change.delta > self.min_delta else None
+
+    def _proof(self, history: Sequence[EpochRecord], since: int, best: int, count: int | None) -> Change | None:
+        """Evidence that validation got worse beyond noise while the training loss fell: the validation loss above
+        the stage's low (at least `patience` epochs back), or the metric below its best on each of the last
+        `patience` epochs."""
         last = history[-1]
-        waited = len(history) - 1 - best
-        gap = last.val_loss - last.train_loss
-        low = min(range(since, len(history)), key=lambda i: history[i].val_loss)
+        t = len(history) - 1
+        low = min(range(since, t + 1), key=lambda i: history[i].val_loss)
+        if t - low >= self.patience and self._fell(history[low], last):
+            rise = loss_change(history[low], last, count)
+            if rise.beyond_noise(+1) and rise.delta > self.val_rise * history[low].val_loss:
+                return rise
+        recent = range(max(t - self.patience + 1, best + 1, since), t + 1)
+        if t - best >= self.patience and len(recent) == self.patience and self._fell(history[best], last):
+            drops = [metric_change(history[best], history[i], self.metric, count) for i in recent]
+            if all(d.beyond_noise(-1) and -d.delta > self.min_delta for d in drops):
+                return drops[-1]
+        return None
+
+    def _fell(self, before: EpochRecord, after: EpochRecord) -> bool:
+        return after.train_loss < before.train_loss * (1 - self.train_drop)
+
+    def _proved(
+        self, history: Sequence[EpochRecord], best: int, proof: Change, count: int | None, continues: bool
+    ) -> Diagnosis:
+        last, top = history[-1], history[best]
+        began = proof.before_epoch + 1
+        since_epoch = history[proof.before_epoch - 1]
         name = self.metric.removeprefix("val_")
-
-        def fell_since(i: int) -> bool:
-            return last.train_loss < history[i].train_loss * (1 - self.train_drop)
-
-        above_low = len(history) - 1 - low
-        rising = above_low >= self.patience and all(
-            history[i].val_loss > history[low].val_loss * (1 + self.val_rise)
-            for i in range(low + 1, len(history))
-        )
-        if rising and fell_since(low):
-            began = low + 2
-            message = (
-                f"overfitting: training loss fell {history[low].train_loss:.4f} -> {last.train_loss:.4f} while validation "
-                f"loss rose from its low of {history[low].val_loss:.4f} at epoch {low + 1} to {last.val_loss:.4f} over "
-                f"{above_low} epochs; the model is memorising the training data instead of generalising. It began at epoch "
-                f"{began}; validation loss is now {gap:+.4f} above training loss."
-            )
-            return Diagnosis(
-                "overfitting", best + 1, waited, began_epoch=began, gap=gap, message=message, advice=self.advice
-            )
-        if waited < self.patience or len(history) - since < self.patience:
-            return Diagnosis("improving", best + 1, waited, gap=gap)
-        # the training loss is compared with where it stood at the best epoch, or at the stage's start
-        reference = best if best >= since else since
-        val_stalled = last.val_loss > history[low].val_loss or last.val_loss >= history[best].val_loss
-        if fell_since(reference) and val_stalled and best < since <= len(history) - 1:
-            if last.train_loss >= history[best].train_loss:
-                # a later stage still fits the training data worse than the best epoch did: not memorising
-                message = (
-                    f"no gain: this stage has not beaten epoch {best + 1} (validation {name} "
-                    f"{getattr(history[best], self.metric):.4f}) in {len(history) - since} epochs, and its training loss "
-                    f"{last.train_loss:.4f} is still above the {history[best].train_loss:.4f} of that epoch, so the "
-                    "model is not memorising: unfreezing set it back further than this stage recovered. Try a lower "
-                    "learning rate for the stage, fewer unfrozen blocks, or bn=fixed for models with BatchNorm."
-                )
-                return Diagnosis("plateau", best + 1, waited, gap=gap, message=message)
-        if fell_since(reference) and val_stalled:
-            began = max(best, since - 1) + 2
-            if last.val_loss >= history[best].val_loss:
-                where_low = f"against {history[best].val_loss:.4f} at the best epoch {best + 1}"
-            else:
-                where_low = f"above its low of {history[low].val_loss:.4f} at epoch {low + 1}"
-            message = (
-                f"overfitting: training loss fell {history[reference].train_loss:.4f} -> {last.train_loss:.4f} while "
-                f"validation {name} has not improved for {waited} epochs (best {getattr(history[best], self.metric):.4f} at epoch "
-                f"{best + 1}) and validation loss stopped falling ({last.val_loss:.4f}, {where_low}); the model is "
-                "memorising the training data instead of generalising. It began at epoch "
-                f"{began}; validation loss is now {gap:+.4f} above training loss."
-            )
-            return Diagnosis(
-                "overfitting", best + 1, waited, began_epoch=began, gap=gap, message=message, advice=self.advice
-            )
-        if self.val_loss_still_falling(history, since):
-            # accuracy on a small validation set moves in steps of one example; a falling loss is the finer signal
-            return Diagnosis("improving", best + 1, waited, gap=gap)
-        trend = "also falling" if last.val_loss < history[best].val_loss else "no longer falling"
+        what = "validation loss rose above its low" if proof.name == "loss" else f"validation {name} fell below its best"
         message = (
-            f"plateau: validation {name} has not improved for {waited} epochs (best {getattr(history[best], self.metric):.4f} at "
-            f"epoch {best + 1}); training loss {'fell' if fell_since(reference) else 'barely moved'} "
-            f"({history[reference].train_loss:.4f} -> {last.train_loss:.4f}) and validation loss is {trend} "
-            f"({history[best].val_loss:.4f} -> {last.val_loss:.4f}): more epochs of this stage are unlikely to pay off."
+            f"overfitting proved: {what} beyond noise, {proof.describe()}, z = {proof.z:+.1f}, while training loss "
+            f"fell {since_epoch.train_loss:.4f} -> {last.train_loss:.4f}; the model is memorising the training data "
+            f"instead of generalising. It began at epoch {began}; validation loss is now "
+            f"{last.val_loss - last.train_loss:+.4f} above training loss."
         )
-        return Diagnosis("plateau", best + 1, waited, gap=gap, message=message)
+        if continues:
+            message += (
+                f" Validation {name} is still rising (best {getattr(top, self.metric):.4f} at epoch {best + 1}), so "
+                "training goes on while it sets new bests; the best weights are kept."
+            )
+        else:
+            message += f" Validation {name} has not beaten {getattr(top, self.metric):.4f} (epoch {best + 1}) since."
+        return Diagnosis(
+            "overfitting",
+            best + 1,
+            len(history) - 1 - best,
+            began_epoch=began,
+            gap=last.val_loss - last.train_loss,
+            message=message,
+            advice=[] if continues else self.advice,
+            level="proved",
+            continues=continues,
+        )
+
+    def _stalled(self, history: Sequence[EpochRecord], since: int, best: int, count: int | None) -> Diagnosis:
+        """No new best for `patience` epochs and nothing moving beyond noise: converged, the onset of overfitting
+        (the training loss still falls by more than the validation set resolves), or a later stage's plateau."""
+        last, top = history[-1], history[best]
+        t = len(history) - 1
+        waited = t - best
+        gap = last.val_loss - last.train_loss
+        name = self.metric.removeprefix("val_")
+        low = min(range(len(history)), key=lambda i: history[i].val_loss)
+        # validation last improved at the later of its best metric and its lowest loss; the training loss is
+        # compared with where it stood then, or at the stage's start when that was in an earlier stage
+        improved = max(best, low)
+        reference = max(improved, since)
+        fall = history[reference].train_loss - last.train_loss
+        resolution = loss_resolution(last, count)
+        rise = loss_change(history[low], last, count)
+        evidence = f"validation {name} {metric_change(top, last, self.metric, count).describe()}; validation loss {rise.describe()}"
+        if best < since and last.train_loss >= top.train_loss:
+            message = (
+                f"no gain: this stage has not beaten epoch {best + 1} (validation {name} "
+                f"{getattr(top, self.metric):.4f}) in {t - since + 1} epochs, and its training loss "
+                f"{last.train_loss:.4f} is still above the {top.train_loss:.4f} of that epoch, so the "
+                "model is not memorising: unfreezing set it back further than this stage recovered. Try a lower "
+                "learning rate for the stage, fewer unfrozen blocks, or bn=fixed for models with BatchNorm."
+            )
+            return Diagnosis("plateau", best + 1, waited, gap=gap, message=message)
+        start = history[reference]
+        # the gap between the losses has grown beyond noise: by more training-loss fall than the validation set
+        # resolves, or by validation loss rising beyond noise
+        if self._fell(start, last) and (fall > SIGNIFICANT * resolution or rise.beyond_noise(+1)):
+            began = max(improved, since - 1) + 2
+            why = (
+                f"more than the validation set resolves (± {resolution:.4f})"
+                if fall > SIGNIFICANT * resolution
+                else f"while validation loss began to rise beyond noise (z = {rise.z:+.1f})"
+            )
+            message = (
+                f"onset of overfitting: training loss fell {start.train_loss:.4f} -> {last.train_loss:.4f} since epoch "
+                f"{reference + 1}, {why}, and validation has not improved beyond noise in {waited} epochs "
+                f"({evidence}). The model has begun to fit the training data better without generalising better: "
+                f"memorising rather than learning. It began at epoch {began}."
+            )
+            return Diagnosis(
+                "overfitting",
+                best + 1,
+                waited,
+                began_epoch=began,
+                gap=gap,
+                message=message,
+                advice=self.advice,
+                level="onset",
+            )
+        message = (
+            f"converged: validation has not improved beyond noise in {waited} epochs ({evidence}), and training loss "
+            f"moved {start.train_loss:.4f} -> {last.train_loss:.4f} since epoch {reference + 1}, within what the "
+            f"validation set resolves (± {resolution:.4f}): neither is moving, so more epochs of this stage are "
+            "unlikely to pay off."
+        )
+        return Diagnosis("converged", best + 1, waited, gap=gap, message=message)

@@ -38,6 +38,7 @@ from frostline.recipe import EpochRecord, Recipe, Stage, steps_per_epoch
 from frostline.sources import ModelSource, open_model
 from frostline.sources.models import open_preprocess, open_tokenizer
 from frostline.train.cache import FeatureCache, fingerprint, plan_cache
+from frostline.train.evidence import ValidationExamples, attach_examples, examples_tensors
 from frostline.train.loop import EpochResult, EvalResult, NonFiniteLoss, evaluate, model_forward, train_epoch
 from frostline.train.monitor import Diagnosis
 from frostline.train.runtime import (
@@ -220,6 +221,7 @@ class Trainer:
         self.cache = FeatureCache(self.run_dir, self.config.run.cache_memory_mb, self.cache_dtype)
         if checkpoint is not None:
             self.history = [EpochRecord.from_dict(r) for r in checkpoint["trainer"]["history"]]
+            attach_examples(self.history, checkpoint["examples"])
             self.model.load_state_dict(checkpoint["model"])
             if (self.run_dir / "best.safetensors").is_file():
                 self.best_state, note = run_folder.read_weights(self.run_dir, "best.safetensors")
@@ -433,6 +435,7 @@ class Trainer:
             result.loss,
             evaluation.loss,
             evaluation.accuracy,
+            ValidationExamples(evaluation.losses, evaluation.correct),
             train_accuracy=result.accuracy,
             lr=group_rates(optimizer),
             lr_trace=result.lr_trace,
@@ -446,7 +449,7 @@ class Trainer:
             return
         rng = {"torch": torch.get_rng_state(), "batches": generator.get_state()}
         state = {"position": position, "history": [r.to_dict() for r in self.history]}
-        save_checkpoint(self.run_dir, self.model, optimizer, schedule, rng, state)
+        save_checkpoint(self.run_dir, self.model, optimizer, schedule, rng, state, examples_tensors(self.history))
         with (self.run_dir / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(self.history[-1].to_dict()) + "\n")
 

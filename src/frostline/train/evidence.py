@@ -1,0 +1,195 @@
+"""How far apart two epochs' validation numbers are, measured against the noise of the validation set.
+
+A validation set of n examples moves accuracy in steps of 1/n (426 articles: 0.23 points) and measures it with a
+standard error near sqrt(p(1 - p)/n). Two epochs are judged on the same examples, so the comparison is paired: the
+examples both epochs got right (or both wrong) cancel, and only the ones that changed carry the difference. With each
+example's loss and correctness (`ValidationExamples`) the standard errors are exact; with only the number of examples
+and the spread of their losses, they are the unpaired, wider ones; with neither, the accuracy's step is read off the
+history itself (the smallest change between epochs is one example) and the loss falls back to a relative tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from frostline.recipe import EpochRecord
+
+RELATIVE_LOSS_NOISE = 0.025
+"""With nothing known of the examples, a validation-loss change within 2.5% per standard error counts as noise."""
+SIGNIFICANT = 2.0
+"""A change counts beyond noise at two standard errors (about 95% two-sided)."""
+
+
+@dataclass(frozen=True)
+class ValidationExamples:
+    """Each validation example's loss and whether it was predicted right, in the same order every epoch."""
+
+    losses: torch.Tensor
+    """float32, one per example."""
+    correct: torch.Tensor
+    """bool, one per example."""
+
+    def __post_init__(self) -> None:
+        if self.losses.shape != self.correct.shape or self.losses.dim() != 1:
+            raise ValueError(
+                f"per-example losses {tuple(self.losses.shape)} and correctness {tuple(self.correct.shape)} must be "
+                "two vectors of the same length"
+            )
+
+    def __len__(self) -> int:
+        return len(self.losses)
+
+    @property
+    def loss_sd(self) -> float:
+        return float(self.losses.double().std()) if len(self) > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class Change:
+    """A validation number at two epochs, with the standard error of the difference."""
+
+    name: str
+    """"loss" or the metric's name."""
+    before: float
+    after: float
+    before_epoch: int
+    after_epoch: int
+    se: float
+    examples: int | None
+    paired: bool
+
+    @property
+    def delta(self) -> float:
+        return self.after - self.before
+
+    @property
+    def z(self) -> float:
+        """The difference in standard errors (0 for no change; infinite for a change with no noise at all)."""
+        if self.delta == 0:
+            return 0.0
+        return self.delta / self.se if self.se > 0 else math.copysign(math.inf, self.delta)
+
+    def beyond_noise(self, direction: int) -> bool:
+        """Whether the number moved in `direction` (+1 up, -1 down) by more than `SIGNIFICANT` standard errors."""
+        return self.z * direction > SIGNIFICANT
+
+    def describe(self) -> str:
+        """'0.0913 (epoch 6) -> 0.0914 (epoch 8), +0.0001 ± 0.0021 (paired, 426 examples)'."""
+        how = "paired" if self.paired else "unpaired"
+        basis = f"{how}, {self.examples:,d} examples" if self.examples else "no example count: relative tolerance"
+        return (
+            f"{self.before:.4f} (epoch {self.before_epoch}) -> {self.after:.4f} (epoch {self.after_epoch}), "
+            f"{self.delta:+.4f} ± {self.se:.4f} ({basis})"
+        )
+
+
+def examples_of(record: EpochRecord | Any) -> ValidationExamples | None:
+    return getattr(record, "examples", None)
+
+
+def count_of(record: EpochRecord | Any, history: Sequence[EpochRecord] = (), metric: str = "val_accuracy") -> int | None:
+    """How many validation examples the record was measured on: recorded, or read off the accuracy's steps."""
+    examples = examples_of(record)
+    if examples is not None:
+        return len(examples)
+    count = getattr(record, "val_count", None)
+    if count:
+        return int(count)
+    return _count_from_steps([getattr(r, metric) for r in history] or [getattr(record, metric)])
+
+
+def _count_from_steps(values: Sequence[float]) -> int | None:
+    """The validation-set size implied by the smallest change of accuracy between epochs (one example), if the
+    history shows one; conservative when the smallest change is several examples (the error comes out wider)."""
+    levels = sorted(set(round(v, 9) for v in values))
+    steps = [b - a for a, b in zip(levels, levels[1:], strict=False) if b - a > 1e-9]
+    if len(values) < 3 or not steps:
+        return None
+    return max(10, round(1 / min(steps)))
+
+
+def loss_change(before: EpochRecord, after: EpochRecord, count: int | None = None) -> Change:
+    """Validation loss from `before` to `after`: paired over the examples when both epochs recorded them."""
+    a, b = examples_of(before), examples_of(after)
+    if a is not None and b is not None and len(a) == len(b) and len(a) > 1:
+        se = float((b.losses.double() - a.losses.double()).std()) / math.sqrt(len(a))
+        return Change("loss", before.val_loss, after.val_loss, before.epoch, after.epoch, se, len(a), True)
+    sds = [getattr(r, "val_loss_sd", None) for r in (before, after)]
+    if count and all(sd is not None for sd in sds):
+        se = math.sqrt(sds[0] ** 2 + sds[1] ** 2) / math.sqrt(count)
+        return Change("loss", before.val_loss, after.val_loss, before.epoch, after.epoch, se, count, False)
+    se = RELATIVE_LOSS_NOISE * min(before.val_loss, after.val_loss)
+    return Change("loss", before.val_loss, after.val_loss, before.epoch, after.epoch, se, None, False)
+
+
+def metric_change(before: EpochRecord, after: EpochRecord, metric: str, count: int | None = None) -> Change:
+    """An accuracy-like metric from `before` to `after`: paired over the examples (only the ones whose correctness
+    changed carry the difference) when both recorded them, else two binomial errors for `count` examples."""
+    name = metric.removeprefix("val_")
+    x, y = getattr(before, metric), getattr(after, metric)
+    a, b = examples_of(before), examples_of(after)
+    if metric == "val_accuracy" and a is not None and b is not None and len(a) == len(b) and len(a) > 0:
+        n = len(a)
+        gained = int((b.correct & ~a.correct).sum())
+        lost = int((a.correct & ~b.correct).sum())
+        se = math.sqrt(max(gained + lost - (gained - lost) ** 2 / n, 0.0)) / n
+        return Change(name, x, y, before.epoch, after.epoch, se, n, True)
+    if count:
+        se = math.sqrt((_bernoulli(x) + _bernoulli(y)) / count)
+        return Change(name, x, y, before.epoch, after.epoch, se, count, False)
+    return Change(name, x, y, before.epoch, after.epoch, 0.0, None, False)
+
+
+def loss_resolution(record: EpochRecord, count: int | None) -> float:
+    """The standard error of one epoch's mean validation loss: the smallest change of a loss the validation set can
+    tell from chance (sd / sqrt(n)), or the relative tolerance when the spread is unknown."""
+    examples = examples_of(record)
+    sd = examples.loss_sd if examples is not None else getattr(record, "val_loss_sd", None)
+    n = len(examples) if examples is not None else count
+    if sd is not None and n:
+        return sd / math.sqrt(n)
+    return RELATIVE_LOSS_NOISE * record.val_loss
+
+
+def _bernoulli(p: float) -> float:
+    p = min(max(p, 0.0), 1.0)
+    return p * (1 - p)
+
+
+def examples_tensors(history: Sequence[EpochRecord]) -> dict[str, torch.Tensor]:
+    """The history's per-example results as named tensors (`<epoch>.losses`, `<epoch>.correct`) for a checkpoint."""
+    tensors = {}
+    for record in history:
+        if record.examples is not None:
+            tensors[f"{record.epoch}.losses"] = record.examples.losses.float().contiguous()
+            tensors[f"{record.epoch}.correct"] = record.examples.correct.bool().contiguous()
+    return tensors
+
+
+def attach_examples(history: Sequence[EpochRecord], tensors: dict[str, torch.Tensor]) -> None:
+    """Give each record read back from a checkpoint its per-example results (records without them keep None)."""
+    for record in history:
+        losses, correct = tensors.get(f"{record.epoch}.losses"), tensors.get(f"{record.epoch}.correct")
+        if losses is not None and correct is not None:
+            record.examples = ValidationExamples(losses, correct)
+
+
+def examples_from_logits(logits: torch.Tensor | Any, labels: torch.Tensor | Any) -> ValidationExamples:
+    """Each example's cross-entropy and correctness from a classifier's logits (tensors or numpy arrays)."""
+    logits = torch.as_tensor(logits).detach().float().cpu()
+    labels = torch.as_tensor(labels).detach().long().cpu()
+    losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    return ValidationExamples(losses, logits.argmax(dim=-1) == labels)
+
+
+def join_examples(parts: Sequence[ValidationExamples]) -> ValidationExamples | None:
+    """One epoch's results from its batches' (None for none)."""
+    if not parts:
+        return None
+    return ValidationExamples(torch.cat([p.losses for p in parts]), torch.cat([p.correct for p in parts]))
