@@ -74,11 +74,15 @@ def records(run: dict[str, Any], with_examples: bool = True) -> list[Any]:
     tensors in `examples` unless `with_examples` is False."""
     import torch
 
+    try:
+        from frostline.train.evidence import ValidationExamples
+    except ImportError:  # a tree from before the monitor knew examples: it reads none of them
+        ValidationExamples = SimpleNamespace  # noqa: N806
     out = []
     for e in run["history"]:
         examples = None
         if with_examples:
-            examples = SimpleNamespace(
+            examples = ValidationExamples(
                 losses=torch.tensor(e["val_losses"], dtype=torch.float32),
                 correct=torch.tensor([c == "1" for c in e["val_correct"]]),
             )

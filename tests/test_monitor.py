@@ -189,7 +189,7 @@ def test_a_flat_validation_loss_with_a_slowly_falling_training_loss_is_converged
 def test_a_step_of_one_example_below_the_best_is_not_proof_of_overfitting():
     n = 400
     right = [300, 340, 360, 361, 360, 360, 360]
-    losses = [0.8, 0.6, 0.5, 0.49, 0.49, 0.49, 0.49]
+    losses = [0.8, 0.6, 0.5, 0.49, 0.5, 0.5, 0.5]
     train = [0.9, 0.6, 0.45, 0.40, 0.39, 0.389, 0.388]
     history = _from(_paired(n, right, losses), train)
 

@@ -89,11 +89,37 @@ class Change:
         )
 
 
+@dataclass(frozen=True)
+class Noise:
+    """What is known of the validation set's noise across a history, beyond each record's own examples."""
+
+    count: int | None
+    """Validation examples (recorded, or read off the accuracy's steps)."""
+    loss_jitter: float | None = None
+    """The validation loss's epoch-to-epoch scatter around its trend, when nothing else tells its noise."""
+
+
+def noise_of(history: Sequence[EpochRecord], metric: str = "val_accuracy") -> Noise:
+    """The validation set's size and, for a history without per-example results or their spread, the scatter of
+    its validation loss from epoch to epoch (the median absolute second difference, scaled to a standard deviation:
+    a steady trend does not count, a zig-zag does)."""
+    last = history[-1]
+    count = count_of(last, history, metric)
+    if examples_of(last) is not None or getattr(last, "val_loss_sd", None) is not None or len(history) < 6:
+        return Noise(count)
+    values = [r.val_loss for r in history]
+    second = sorted(abs(a - 2 * b + c) for a, b, c in zip(values, values[1:], values[2:], strict=False))
+    median = second[len(second) // 2]
+    return Noise(count, median / 0.6745 / math.sqrt(6))
+
+
 def examples_of(record: EpochRecord | Any) -> ValidationExamples | None:
     return getattr(record, "examples", None)
 
 
-def count_of(record: EpochRecord | Any, history: Sequence[EpochRecord] = (), metric: str = "val_accuracy") -> int | None:
+def count_of(
+    record: EpochRecord | Any, history: Sequence[EpochRecord] = (), metric: str = "val_accuracy"
+) -> int | None:
     """How many validation examples the record was measured on: recorded, or read off the accuracy's steps."""
     examples = examples_of(record)
     if examples is not None:
@@ -114,8 +140,10 @@ def _count_from_steps(values: Sequence[float]) -> int | None:
     return max(10, round(1 / min(steps)))
 
 
-def loss_change(before: EpochRecord, after: EpochRecord, count: int | None = None) -> Change:
-    """Validation loss from `before` to `after`: paired over the examples when both epochs recorded them."""
+def loss_change(before: EpochRecord, after: EpochRecord, noise: Noise | None = None) -> Change:
+    """Validation loss from `before` to `after`: paired over the examples when both epochs recorded them; else from
+    the spread of their losses, the history's epoch-to-epoch scatter, or a relative tolerance."""
+    count = noise.count if noise else None
     a, b = examples_of(before), examples_of(after)
     if a is not None and b is not None and len(a) == len(b) and len(a) > 1:
         se = float((b.losses.double() - a.losses.double()).std()) / math.sqrt(len(a))
@@ -124,14 +152,18 @@ def loss_change(before: EpochRecord, after: EpochRecord, count: int | None = Non
     if count and all(sd is not None for sd in sds):
         se = math.sqrt(sds[0] ** 2 + sds[1] ** 2) / math.sqrt(count)
         return Change("loss", before.val_loss, after.val_loss, before.epoch, after.epoch, se, count, False)
+    if noise and noise.loss_jitter:
+        se = noise.loss_jitter * math.sqrt(2)
+        return Change("loss", before.val_loss, after.val_loss, before.epoch, after.epoch, se, count, False)
     se = RELATIVE_LOSS_NOISE * min(before.val_loss, after.val_loss)
     return Change("loss", before.val_loss, after.val_loss, before.epoch, after.epoch, se, None, False)
 
 
-def metric_change(before: EpochRecord, after: EpochRecord, metric: str, count: int | None = None) -> Change:
+def metric_change(before: EpochRecord, after: EpochRecord, metric: str, noise: Noise | None = None) -> Change:
     """An accuracy-like metric from `before` to `after`: paired over the examples (only the ones whose correctness
     changed carry the difference) when both recorded them, else two binomial errors for `count` examples."""
     name = metric.removeprefix("val_")
+    count = noise.count if noise else None
     x, y = getattr(before, metric), getattr(after, metric)
     a, b = examples_of(before), examples_of(after)
     if metric == "val_accuracy" and a is not None and b is not None and len(a) == len(b) and len(a) > 0:
@@ -146,12 +178,12 @@ def metric_change(before: EpochRecord, after: EpochRecord, metric: str, count: i
     return Change(name, x, y, before.epoch, after.epoch, 0.0, None, False)
 
 
-def loss_resolution(record: EpochRecord, count: int | None) -> float:
+def loss_resolution(record: EpochRecord, noise: Noise | None = None) -> float:
     """The standard error of one epoch's mean validation loss: the smallest change of a loss the validation set can
     tell from chance (sd / sqrt(n)), or the relative tolerance when the spread is unknown."""
     examples = examples_of(record)
     sd = examples.loss_sd if examples is not None else getattr(record, "val_loss_sd", None)
-    n = len(examples) if examples is not None else count
+    n = len(examples) if examples is not None else (noise.count if noise else None)
     if sd is not None and n:
         return sd / math.sqrt(n)
     return RELATIVE_LOSS_NOISE * record.val_loss

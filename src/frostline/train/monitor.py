@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from frostline.train.evidence import SIGNIFICANT, Change, count_of, loss_change, loss_resolution, metric_change
+from frostline.train.evidence import SIGNIFICANT, Change, Noise, loss_change, loss_resolution, metric_change, noise_of
 
 if TYPE_CHECKING:
     from frostline.recipe import EpochRecord
@@ -107,7 +107,10 @@ class OverfitMonitor:
         for i, record in enumerate(history):
             top = history[best]
             better = getattr(record, self.metric) > getattr(top, self.metric) + self.min_delta
-            tie = abs(getattr(record, self.metric) - getattr(top, self.metric)) <= self.min_delta and record.val_loss < top.val_loss
+            tie = (
+                abs(getattr(record, self.metric) - getattr(top, self.metric)) <= self.min_delta
+                and record.val_loss < top.val_loss
+            )
             if better or (tie and getattr(record, self.metric) >= getattr(top, self.metric)):
                 best = i
         return best
@@ -123,47 +126,61 @@ class OverfitMonitor:
         best = self.best_index(history)
         t = len(history) - 1
         waited = t - best
-        count = count_of(history[-1], history, self.metric)
-        proof = self._proof(history, since, best, count)
-        climbing = self._climbing(history, since, count)
+        noise = noise_of(history, self.metric)
+        proof = self._proof(history, since, best, noise)
         if proof is not None:
-            return self._proved(history, best, proof, count, continues=waited < self.patience or climbing is not None)
-        if waited < self.patience or t - since + 1 < self.patience or climbing or self._loss_falling(history, since, count):
+            return self._proved(history, best, proof, noise, continues=waited < self.patience)
+        if (
+            waited < self.patience
+            or t - since + 1 < self.patience
+            or self._climbing(history, since, noise)
+            or self._loss_falling(history, since, noise)
+        ):
             return Diagnosis("improving", best + 1, waited, gap=history[-1].val_loss - history[-1].train_loss)
-        return self._stalled(history, since, best, count)
+        return self._stalled(history, since, best, noise)
 
-    def _loss_falling(self, history: Sequence[EpochRecord], since: int, count: int | None) -> Change | None:
+    def _loss_falling(self, history: Sequence[EpochRecord], since: int, noise: Noise) -> Change | None:
         """The lowest validation loss of the last `patience` epochs, beyond noise below the stage's earlier low."""
         window = len(history) - self.patience
         if window <= since:
             return None
         earlier = min(range(since, window), key=lambda i: history[i].val_loss)
         recent = min(range(window, len(history)), key=lambda i: history[i].val_loss)
-        change = loss_change(history[earlier], history[recent], count)
+        change = loss_change(history[earlier], history[recent], noise)
         return change if change.beyond_noise(-1) else None
 
-    def _climbing(self, history: Sequence[EpochRecord], since: int, count: int | None) -> Change | None:
-        """The metric now, beyond noise above where it stood `patience` epochs ago in the stage."""
-        then = len(history) - 1 - self.patience
+    def _climbing(self, history: Sequence[EpochRecord], since: int, noise: Noise) -> Change | None:
+        """Progress over a longer look-back than `patience`, for noisy validation sets: the metric now, or the
+        lowest validation loss of the last `patience` epochs, beyond noise better than `2 * patience` epochs ago in
+        the stage (a metric climbing in steps smaller than its noise sets no clear new best every `patience` epochs,
+        yet shows its climb over twice that)."""
+        t = len(history) - 1
+        then = t - 2 * self.patience
         if then < since:
             return None
-        change = metric_change(history[then], history[-1], self.metric, count)
-        return change if change.beyond_noise(+1) and change.delta > self.min_delta else None
+        change = metric_change(history[then], history[-1], self.metric, noise)
+        if change.beyond_noise(+1) and change.delta > self.min_delta:
+            return change
+        recent = min(range(t - self.patience + 1, t + 1), key=lambda i: history[i].val_loss)
+        change = loss_change(history[then], history[recent], noise)
+        return change if change.beyond_noise(-1) else None
 
-    def _proof(self, history: Sequence[EpochRecord], since: int, best: int, count: int | None) -> Change | None:
+    def _proof(self, history: Sequence[EpochRecord], since: int, best: int, noise: Noise) -> Change | None:
         """Evidence that validation got worse beyond noise while the training loss fell: the validation loss above
         the stage's low (at least `patience` epochs back), or the metric below its best on each of the last
-        `patience` epochs."""
+        `patience` epochs with the validation loss above where it stood at the best epoch (the best is the highest of
+        many noisy epochs, so a metric drop alone, against a loss still falling, is not taken as proof)."""
         last = history[-1]
         t = len(history) - 1
         low = min(range(since, t + 1), key=lambda i: history[i].val_loss)
         if t - low >= self.patience and self._fell(history[low], last):
-            rise = loss_change(history[low], last, count)
+            rise = loss_change(history[low], last, noise)
             if rise.beyond_noise(+1) and rise.delta > self.val_rise * history[low].val_loss:
                 return rise
         recent = range(max(t - self.patience + 1, best + 1, since), t + 1)
-        if t - best >= self.patience and len(recent) == self.patience and self._fell(history[best], last):
-            drops = [metric_change(history[best], history[i], self.metric, count) for i in recent]
+        worse = last.val_loss > history[best].val_loss
+        if t - best >= self.patience and len(recent) == self.patience and worse and self._fell(history[best], last):
+            drops = [metric_change(history[best], history[i], self.metric, noise) for i in recent]
             if all(d.beyond_noise(-1) and -d.delta > self.min_delta for d in drops):
                 return drops[-1]
         return None
@@ -172,13 +189,15 @@ class OverfitMonitor:
         return after.train_loss < before.train_loss * (1 - self.train_drop)
 
     def _proved(
-        self, history: Sequence[EpochRecord], best: int, proof: Change, count: int | None, continues: bool
+        self, history: Sequence[EpochRecord], best: int, proof: Change, noise: Noise, continues: bool
     ) -> Diagnosis:
         last, top = history[-1], history[best]
         began = proof.before_epoch + 1
         since_epoch = history[proof.before_epoch - 1]
         name = self.metric.removeprefix("val_")
-        what = "validation loss rose above its low" if proof.name == "loss" else f"validation {name} fell below its best"
+        what = (
+            "validation loss rose above its low" if proof.name == "loss" else f"validation {name} fell below its best"
+        )
         message = (
             f"overfitting proved: {what} beyond noise, {proof.describe()}, z = {proof.z:+.1f}, while training loss "
             f"fell {since_epoch.train_loss:.4f} -> {last.train_loss:.4f}; the model is memorising the training data "
@@ -204,7 +223,7 @@ class OverfitMonitor:
             continues=continues,
         )
 
-    def _stalled(self, history: Sequence[EpochRecord], since: int, best: int, count: int | None) -> Diagnosis:
+    def _stalled(self, history: Sequence[EpochRecord], since: int, best: int, noise: Noise) -> Diagnosis:
         """No new best for `patience` epochs and nothing moving beyond noise: converged, the onset of overfitting
         (the training loss still falls by more than the validation set resolves), or a later stage's plateau."""
         last, top = history[-1], history[best]
@@ -218,9 +237,9 @@ class OverfitMonitor:
         improved = max(best, low)
         reference = max(improved, since)
         fall = history[reference].train_loss - last.train_loss
-        resolution = loss_resolution(last, count)
-        rise = loss_change(history[low], last, count)
-        evidence = f"validation {name} {metric_change(top, last, self.metric, count).describe()}; validation loss {rise.describe()}"
+        resolution = loss_resolution(last, noise)
+        rise = loss_change(history[low], last, noise)
+        evidence = f"validation {name} {metric_change(top, last, self.metric, noise).describe()}; validation loss {rise.describe()}"
         if best < since and last.train_loss >= top.train_loss:
             message = (
                 f"no gain: this stage has not beaten epoch {best + 1} (validation {name} "
@@ -231,13 +250,15 @@ class OverfitMonitor:
             )
             return Diagnosis("plateau", best + 1, waited, gap=gap, message=message)
         start = history[reference]
-        # the gap between the losses has grown beyond noise: by more training-loss fall than the validation set
-        # resolves, or by validation loss rising beyond noise
-        if self._fell(start, last) and (fall > SIGNIFICANT * resolution or rise.beyond_noise(+1)):
+        # had validation improved in proportion to the training loss's fall, the validation set would have seen it
+        # (the fall is larger than two of its standard errors, relative to the loss); or validation loss rose
+        visible = fall / start.train_loss > SIGNIFICANT * resolution / last.val_loss
+        if self._fell(start, last) and (visible or rise.beyond_noise(+1)):
             began = max(improved, since - 1) + 2
             why = (
-                f"more than the validation set resolves (± {resolution:.4f})"
-                if fall > SIGNIFICANT * resolution
+                f"{100 * fall / start.train_loss:.0f}%, where the validation set resolves ± "
+                f"{100 * resolution / last.val_loss:.0f}% of its loss (one standard error)"
+                if visible
                 else f"while validation loss began to rise beyond noise (z = {rise.z:+.1f})"
             )
             message = (
@@ -258,8 +279,8 @@ class OverfitMonitor:
             )
         message = (
             f"converged: validation has not improved beyond noise in {waited} epochs ({evidence}), and training loss "
-            f"moved {start.train_loss:.4f} -> {last.train_loss:.4f} since epoch {reference + 1}, within what the "
-            f"validation set resolves (± {resolution:.4f}): neither is moving, so more epochs of this stage are "
-            "unlikely to pay off."
+            f"moved {start.train_loss:.4f} -> {last.train_loss:.4f} since epoch {reference + 1}, less than the "
+            f"validation set could tell apart (± {100 * resolution / last.val_loss:.0f}% of its loss, one standard "
+            "error): neither is moving, so more epochs of this stage are unlikely to pay off."
         )
         return Diagnosis("converged", best + 1, waited, gap=gap, message=message)

@@ -70,7 +70,9 @@ def _available(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ConfigError(f"run.device {device!r} is not a device torch knows; use auto, cpu, cuda, cuda:N or mps") from err
+        raise ConfigError(
+            f"run.device {device!r} is not a device torch knows; use auto, cpu, cuda, cuda:N or mps"
+        ) from err
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -79,8 +81,12 @@ def _available(device: str) -> torch.device:
                 "use run.device=auto (it picks the GPU when there is one) or cpu"
             )
         if dev.index is not None and dev.index >= count:
-            raise ConfigError(f"run.device={device}, but this machine has {count} CUDA GPU(s): cuda:0 to cuda:{count - 1}")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise ConfigError(
+                f"run.device={device}, but this machine has {count} CUDA GPU(s): cuda:0 to cuda:{count - 1}"
+            )
+    if dev.type == "mps" and not (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ):
         raise ConfigError(f"run.device={device}, but Apple's MPS is not available here; use run.device=auto or cpu")
     return dev
 

@@ -172,9 +172,7 @@ class Trainer:
             atomic_write_text(self.run_dir / name, text)
 
     # ---- the run ------------------------------------------------------------------------------
-    def fit(
-        self, resume: str | Path | None = None, write: bool = True, overwrite: bool = False
-    ) -> FitResult:
+    def fit(self, resume: str | Path | None = None, write: bool = True, overwrite: bool = False) -> FitResult:
         """Run every stage (or continue a killed run from its last checkpoint).
 
         Everything that can be checked before training is checked before the run folder is made: the output
@@ -196,8 +194,10 @@ class Trainer:
         checkpoint = None
         position = {"stage": 0, "epoch": 0, "done": None}
         if write:
-            folder = run_folder.resume_dir(resume) if resume is not None else run_folder.choose_run_dir(
-                self.config, overwrite
+            folder = (
+                run_folder.resume_dir(resume)
+                if resume is not None
+                else run_folder.choose_run_dir(self.config, overwrite)
             )
         if resume is not None:
             checkpoint = read_checkpoint(folder)
@@ -208,7 +208,9 @@ class Trainer:
             if resume is None:
                 run_folder.start(folder)
             elif changes:
-                run_folder.record_resumed(folder, f"stage {position['stage'] + 1}, epoch {position['epoch'] + 1}", changes)
+                run_folder.record_resumed(
+                    folder, f"stage {position['stage'] + 1}, epoch {position['epoch'] + 1}", changes
+                )
         self.run_dir = folder
         try:
             return self._fit(checkpoint, position, start)
@@ -427,9 +429,7 @@ class Trainer:
             {"what": tail.describe, "seconds": seconds},
         )
 
-    def _record(
-        self, stage: Stage, epoch: int, result: EpochResult, evaluation: EvalResult, optimizer
-    ) -> EpochRecord:
+    def _record(self, stage: Stage, epoch: int, result: EpochResult, evaluation: EvalResult, optimizer) -> EpochRecord:
         return stage.record(
             self.history,
             result.loss,
