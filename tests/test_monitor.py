@@ -131,7 +131,8 @@ def test_validation_loss_rising_is_proved_while_accuracy_still_sets_bests_and_tr
     diagnosis = monitor.diagnose(history)
     assert diagnosis.verdict == "overfitting" and diagnosis.level == "proved"
     assert diagnosis.began_epoch == 4
-    assert "validation loss rose above its low beyond noise, 0.5500 (epoch 3) -> 0.9500 (epoch 6)" in diagnosis.message
+    assert "validation loss rose above its low beyond noise" in diagnosis.message
+    assert diagnosis.evidence[0].startswith("validation loss 0.5500 (epoch 3) -> 0.9500 (epoch 6), +0.4000 ±")
     # accuracy set a new best at this very epoch: keep training while it does, keep the best weights
     assert diagnosis.continues and not diagnosis.should_stop
     assert "training goes on" in diagnosis.message

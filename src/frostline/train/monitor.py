@@ -60,6 +60,8 @@ class Diagnosis:
     worse beyond noise)."""
     continues: bool = False
     """Overfitting is proved in the loss, but the metric still sets bests: training goes on while it does."""
+    evidence: list[str] = field(default_factory=list)
+    """The numbers the verdict rests on, with their standard errors and the number of examples (also in `message`)."""
 
     @property
     def should_stop(self) -> bool:
@@ -193,34 +195,36 @@ class OverfitMonitor:
     ) -> Diagnosis:
         last, top = history[-1], history[best]
         began = proof.before_epoch + 1
-        since_epoch = history[proof.before_epoch - 1]
+        then = history[proof.before_epoch - 1]
         name = self.metric.removeprefix("val_")
         what = (
             "validation loss rose above its low" if proof.name == "loss" else f"validation {name} fell below its best"
         )
-        message = (
-            f"overfitting proved: {what} beyond noise, {proof.describe()}, z = {proof.z:+.1f}, while training loss "
-            f"fell {since_epoch.train_loss:.4f} -> {last.train_loss:.4f}; the model is memorising the training data "
-            f"instead of generalising. It began at epoch {began}; validation loss is now "
-            f"{last.val_loss - last.train_loss:+.4f} above training loss."
+        headline = (
+            f"overfitting proved: {what} beyond noise while the training loss fell; the model is memorising the "
+            f"training data instead of generalising. It began at epoch {began}."
         )
         if continues:
-            message += (
-                f" Validation {name} is still rising (best {getattr(top, self.metric):.4f} at epoch {best + 1}), so "
-                "training goes on while it sets new bests; the best weights are kept."
+            headline += (
+                f" Validation {name} still sets new bests, so training goes on while it does (best weights kept)."
             )
-        else:
-            message += f" Validation {name} has not beaten {getattr(top, self.metric):.4f} (epoch {best + 1}) since."
+        evidence = [
+            f"validation {proof.name if proof.name == 'loss' else name} {proof.describe()}, z = {proof.z:+.1f}",
+            f"training loss {then.train_loss:.4f} (epoch {then.epoch}) -> {last.train_loss:.4f} (epoch {last.epoch})",
+            f"best validation {name} {getattr(top, self.metric):.4f} at epoch {top.epoch}; validation loss is now "
+            f"{last.val_loss - last.train_loss:+.4f} above training loss",
+        ]
         return Diagnosis(
             "overfitting",
             best + 1,
             len(history) - 1 - best,
             began_epoch=began,
             gap=last.val_loss - last.train_loss,
-            message=message,
+            message=_message(headline, evidence),
             advice=[] if continues else self.advice,
             level="proved",
             continues=continues,
+            evidence=evidence,
         )
 
     def _stalled(self, history: Sequence[EpochRecord], since: int, best: int, noise: Noise) -> Diagnosis:
@@ -231,15 +235,6 @@ class OverfitMonitor:
         waited = t - best
         gap = last.val_loss - last.train_loss
         name = self.metric.removeprefix("val_")
-        low = min(range(len(history)), key=lambda i: history[i].val_loss)
-        # validation last improved at the later of its best metric and its lowest loss; the training loss is
-        # compared with where it stood then, or at the stage's start when that was in an earlier stage
-        improved = max(best, low)
-        reference = max(improved, since)
-        fall = history[reference].train_loss - last.train_loss
-        resolution = loss_resolution(last, noise)
-        rise = loss_change(history[low], last, noise)
-        evidence = f"validation {name} {metric_change(top, last, self.metric, noise).describe()}; validation loss {rise.describe()}"
         if best < since and last.train_loss >= top.train_loss:
             message = (
                 f"no gain: this stage has not beaten epoch {best + 1} (validation {name} "
@@ -249,22 +244,33 @@ class OverfitMonitor:
                 "learning rate for the stage, fewer unfrozen blocks, or bn=fixed for models with BatchNorm."
             )
             return Diagnosis("plateau", best + 1, waited, gap=gap, message=message)
-        start = history[reference]
+        low = min(range(len(history)), key=lambda i: history[i].val_loss)
+        # validation last improved at the later of its best metric and its lowest loss; the training loss is
+        # compared with where it stood then, or at the stage's start when that was in an earlier stage
+        improved = max(best, low)
+        start = history[max(improved, since)]
+        fall = (start.train_loss - last.train_loss) / start.train_loss
+        resolution = loss_resolution(last, noise) / last.val_loss
+        rise = loss_change(history[low], last, noise)
+        evidence = [
+            f"validation {name} {metric_change(top, last, self.metric, noise).describe()}: no new best in {waited} epochs",
+            f"validation loss {rise.describe()}, z = {rise.z:+.1f}",
+            f"training loss {start.train_loss:.4f} (epoch {start.epoch}) -> {last.train_loss:.4f} (epoch {last.epoch}), "
+            f"{-100 * fall:+.0f}%; one standard error of the validation loss is {100 * resolution:.0f}% of it",
+        ]
         # had validation improved in proportion to the training loss's fall, the validation set would have seen it
         # (the fall is larger than two of its standard errors, relative to the loss); or validation loss rose
-        visible = fall / start.train_loss > SIGNIFICANT * resolution / last.val_loss
+        visible = fall > SIGNIFICANT * resolution
         if self._fell(start, last) and (visible or rise.beyond_noise(+1)):
             began = max(improved, since - 1) + 2
             why = (
-                f"{100 * fall / start.train_loss:.0f}%, where the validation set resolves ± "
-                f"{100 * resolution / last.val_loss:.0f}% of its loss (one standard error)"
+                "by more than the validation set would have missed"
                 if visible
-                else f"while validation loss began to rise beyond noise (z = {rise.z:+.1f})"
+                else "while the validation loss began to rise beyond noise"
             )
-            message = (
-                f"onset of overfitting: training loss fell {start.train_loss:.4f} -> {last.train_loss:.4f} since epoch "
-                f"{reference + 1}, {why}, and validation has not improved beyond noise in {waited} epochs "
-                f"({evidence}). The model has begun to fit the training data better without generalising better: "
+            headline = (
+                f"onset of overfitting: the training loss keeps falling, {why}, and validation has not improved "
+                "beyond noise: the model has begun to fit the training data better without generalising better, "
                 f"memorising rather than learning. It began at epoch {began}."
             )
             return Diagnosis(
@@ -273,14 +279,20 @@ class OverfitMonitor:
                 waited,
                 began_epoch=began,
                 gap=gap,
-                message=message,
+                message=_message(headline, evidence),
                 advice=self.advice,
                 level="onset",
+                evidence=evidence,
             )
-        message = (
-            f"converged: validation has not improved beyond noise in {waited} epochs ({evidence}), and training loss "
-            f"moved {start.train_loss:.4f} -> {last.train_loss:.4f} since epoch {reference + 1}, less than the "
-            f"validation set could tell apart (± {100 * resolution / last.val_loss:.0f}% of its loss, one standard "
-            "error): neither is moving, so more epochs of this stage are unlikely to pay off."
+        headline = (
+            "converged: neither validation nor the training loss moves beyond what the validation set can tell "
+            "apart, so more epochs of this stage are unlikely to pay off."
         )
-        return Diagnosis("converged", best + 1, waited, gap=gap, message=message)
+        return Diagnosis(
+            "converged", best + 1, waited, gap=gap, message=_message(headline, evidence), evidence=evidence
+        )
+
+
+def _message(headline: str, evidence: list[str]) -> str:
+    """The headline, then one line per number it rests on."""
+    return headline + "".join(f"\n  - {line}" for line in evidence)
