@@ -284,10 +284,18 @@ class OverfitMonitor:
                 level="onset",
                 evidence=evidence,
             )
-        headline = (
-            "converged: neither validation nor the training loss moves beyond what the validation set can tell "
-            "apart, so more epochs of this stage are unlikely to pay off."
-        )
+        if self._fell(start, last):
+            headline = (
+                f"converged: validation has not improved beyond noise in {waited} epochs. The training loss still fell "
+                f"{100 * fall:.0f}%, but had validation followed in proportion this validation set could not have shown "
+                f"it (one standard error is {100 * resolution:.0f}% of its loss), so that is no evidence of memorising "
+                "either; more epochs of this stage are unlikely to pay off."
+            )
+        else:
+            headline = (
+                "converged: neither validation nor the training loss moves beyond what the validation set can tell "
+                "apart, so more epochs of this stage are unlikely to pay off."
+            )
         return Diagnosis(
             "converged", best + 1, waited, gap=gap, message=_message(headline, evidence), evidence=evidence
         )
