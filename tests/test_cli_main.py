@@ -15,8 +15,11 @@ def _raising(error):
 @pytest.mark.parametrize(
     ("error", "message"),
     [
-        (ZeroDivisionError("division by zero"), "error: unexpected ZeroDivisionError: division by zero. frostline does "
-         "not check this input yet; run `frostline --debug inspect ...` for the traceback and report it"),
+        (
+            ZeroDivisionError("division by zero"),
+            "error: unexpected ZeroDivisionError: division by zero. frostline does "
+            "not check this input yet; run `frostline --debug inspect ...` for the traceback and report it",
+        ),
         (PermissionError(13, "Permission denied", "/root/x"), "error: Permission denied: /root/x"),
         (MemoryError(), "error: out of memory; use a smaller data.batch_size"),
     ],

@@ -146,4 +146,6 @@ def test_paths_are_stored_absolute_and_built_in_names_never_become_paths(tmp_pat
     resolved = with_resolved_paths(config)
     assert resolved.data.ref == str(tmp_path / "my.csv") and resolved.data.val_ref == "mnist"
     assert resolved.model.ref == "hf:minilm"
-    assert with_resolved_paths(apply_overrides(FitConfig(), ["model.ref=hf:bert"])).model.ref == f"hf:{tmp_path / 'bert'}"
+    assert (
+        with_resolved_paths(apply_overrides(FitConfig(), ["model.ref=hf:bert"])).model.ref == f"hf:{tmp_path / 'bert'}"
+    )

@@ -139,7 +139,10 @@ def test_validation_examples_that_copy_training_ones_are_named(tmp_path):
 
     tokenizer.model_max_length = 512
     prepared = prepare_data(DataConfig(ref=str(tmp_path / "dup.csv"), max_length=4), tokenizer, seed=0)
-    assert any(n.startswith("warning: 8 of 8 validation examples are exact copies of training examples") for n in prepared.notes)
+    assert any(
+        n.startswith("warning: 8 of 8 validation examples are exact copies of training examples")
+        for n in prepared.notes
+    )
 
 
 def test_a_file_with_lines_in_two_encodings_reads_each_line_with_the_one_that_fits(tmp_path):

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 pytest.importorskip("transformers", reason="the transformers extra is not installed")
-pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate>=1.1 (pip install 'transformers[torch]')")
+pytest.importorskip(
+    "accelerate", reason="transformers.Trainer needs accelerate>=1.1 (pip install 'transformers[torch]')"
+)
 
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
@@ -80,7 +82,9 @@ class OverfitsAt(OverfitMonitor):
     def diagnose(self, history, since=0):
         if len(history) in self.at:
             n = len(history)
-            return Diagnosis("overfitting", best_epoch=1, epochs_since_best=n - 1, began_epoch=n, message="overfitting: x")
+            return Diagnosis(
+                "overfitting", best_epoch=1, epochs_since_best=n - 1, began_epoch=n, message="overfitting: x"
+            )
         return super().diagnose(history, since)
 
 
@@ -132,7 +136,10 @@ def test_stages_train_the_sets_groups_and_rates_of_the_recipe_and_frozen_tensors
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     callback = FrostlineCallback(STAGES)
     probe = Probe(model)
-    dropout_seen: dict[str, list[bool]] = {"bert.encoder.layer.0.output.dropout": [], "bert.encoder.layer.3.output.dropout": []}
+    dropout_seen: dict[str, list[bool]] = {
+        "bert.encoder.layer.0.output.dropout": [],
+        "bert.encoder.layer.3.output.dropout": [],
+    }
     for path, seen in dropout_seen.items():
         model.get_submodule(path).register_forward_hook(
             lambda m, i, o, seen=seen: seen.append(m.training) if model.training else None
@@ -189,7 +196,10 @@ def test_stages_train_the_sets_groups_and_rates_of_the_recipe_and_frozen_tensors
 
 
 def test_overfitting_stops_the_trainer_with_the_diagnosis_of_recipe_decide(tmp_path):
-    stages = [StageConfig(name="head", freeze="head", epochs=3, lr=1e-2), StageConfig(name="last2", freeze="last:2", epochs=2, lr=1e-3)]
+    stages = [
+        StageConfig(name="head", freeze="head", epochs=3, lr=1e-2),
+        StageConfig(name="last2", freeze="last:2", epochs=2, lr=1e-3),
+    ]
     model, _ = tiny_bert()
     callback = FrostlineCallback(stages)
     callback.recipe.monitor = OverfitsAt((2, 3), patience=5)
@@ -215,7 +225,10 @@ def test_overfitting_stops_the_trainer_with_the_diagnosis_of_recipe_decide(tmp_p
 
 
 def test_a_tensor_frozen_after_training_in_an_earlier_stage_never_moves_again(tmp_path):
-    stages = [StageConfig(name="all", freeze="none", epochs=1, lr=1e-3), StageConfig(name="head", freeze="head", epochs=1, lr=1e-2)]
+    stages = [
+        StageConfig(name="all", freeze="none", epochs=1, lr=1e-3),
+        StageConfig(name="head", freeze="head", epochs=1, lr=1e-2),
+    ]
     model, _ = tiny_bert()
     callback = FrostlineCallback(stages)
     probe = Probe(model)
@@ -230,7 +243,10 @@ def test_a_tensor_frozen_after_training_in_an_earlier_stage_never_moves_again(tm
 
 
 def test_a_checkpoint_after_stage_one_resumes_in_stage_two_with_its_set_and_groups(tmp_path):
-    stages = [StageConfig(name="head", freeze="head", epochs=1, lr=1e-2), StageConfig(name="last2", freeze="last:2", epochs=2, lr=1e-3)]
+    stages = [
+        StageConfig(name="head", freeze="head", epochs=1, lr=1e-2),
+        StageConfig(name="last2", freeze="last:2", epochs=2, lr=1e-3),
+    ]
     model, _ = tiny_bert()
     whole = FrostlineCallback(stages)
     _trainer(model, whole, _args(tmp_path / "whole", 3, save_strategy="epoch")).train()
@@ -262,7 +278,9 @@ def test_a_checkpoint_after_stage_one_resumes_in_stage_two_with_its_set_and_grou
 def test_a_trainer_that_cannot_run_the_recipe_is_refused_when_it_is_built(tmp_path, change, message):
     model, _ = tiny_bert()
     callback = FrostlineCallback(STAGES)
-    args = _args(tmp_path, change.get("num_train_epochs", callback.epochs), eval_strategy=change.get("eval_strategy", "epoch"))
+    args = _args(
+        tmp_path, change.get("num_train_epochs", callback.epochs), eval_strategy=change.get("eval_strategy", "epoch")
+    )
     with pytest.raises(ConfigError) as err:
         Trainer(
             model=model,
@@ -336,7 +354,10 @@ def test_frozen_batchnorm_stays_in_eval_under_the_trainer(tmp_path):
         )
     probe = Probe(model)
     callback = FrostlineCallback(
-        [StageConfig(name="head", freeze="head", epochs=1, lr=1e-2), StageConfig(name="last1", freeze="last:1", epochs=1, lr=1e-3)]
+        [
+            StageConfig(name="head", freeze="head", epochs=1, lr=1e-2),
+            StageConfig(name="last1", freeze="last:1", epochs=1, lr=1e-3),
+        ]
     )
     trainer = Trainer(
         model=model,
@@ -369,7 +390,10 @@ def test_a_config_file_gives_its_stages_patience_and_min_delta(tmp_path):
         "run: {patience: 4, min_delta: 0.01}\n"
     )
     callback = FrostlineCallback(path)
-    assert [(s.name, s.freeze, s.epochs) for s in callback.recipe.stages] == [("head", "head", 2), ("last2", "last:2", 3)]
+    assert [(s.name, s.freeze, s.epochs) for s in callback.recipe.stages] == [
+        ("head", "head", 2),
+        ("last2", "last:2", 3),
+    ]
     assert (callback.recipe.monitor.patience, callback.recipe.monitor.min_delta, callback.epochs) == (4, 0.01, 5)
 
 

@@ -94,6 +94,15 @@ def test_overfitting_in_the_last_stage_ends_the_run_with_the_reason():
 
 
 def test_records_round_trip_through_json_dicts():
-    record = EpochRecord(epoch=1, stage="head", stage_index=0, stage_epoch=1, freeze="head", train_loss=1.0,
-                         val_loss=0.9, val_accuracy=0.5, lr={"classifier": 0.01})
+    record = EpochRecord(
+        epoch=1,
+        stage="head",
+        stage_index=0,
+        stage_epoch=1,
+        freeze="head",
+        train_loss=1.0,
+        val_loss=0.9,
+        val_accuracy=0.5,
+        lr={"classifier": 0.01},
+    )
     assert EpochRecord.from_dict({**record.to_dict(), "unknown": 3}) == record

@@ -32,8 +32,11 @@ def test_a_folder_of_other_files_is_refused_listed_and_left_as_it_was(tmp_path):
     for name in ("config.json", "head.json", "report.png", "best.safetensors"):
         (own / name).write_text(f"the user's own {name}")
     before = _snapshot(own)
-    with pytest.raises(ConfigError, match=r"not a frostline run: it holds best.safetensors, config.json, head.json, "
-                       r"report.png; .*--overwrite"):
+    with pytest.raises(
+        ConfigError,
+        match=r"not a frostline run: it holds best.safetensors, config.json, head.json, "
+        r"report.png; .*--overwrite",
+    ):
         Trainer(_config(own)).fit()
     assert _snapshot(own) == before
 
@@ -122,8 +125,11 @@ def test_code_named_by_a_run_folder_is_imported_only_with_trust(tmp_path):
     folder.mkdir()
     config = _config(folder).to_dict()
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=r"names code to run \(model.ref = py:tiny_task:model; data.ref = "
-                       r"py:tiny_task:data\).*--trust-code"):
+    with pytest.raises(
+        ConfigError,
+        match=r"names code to run \(model.ref = py:tiny_task:model; data.ref = "
+        r"py:tiny_task:data\).*--trust-code",
+    ):
         run_folder.read_run_config(folder, trust_code=False)
     assert run_folder.read_run_config(folder, trust_code=True).model.ref == "py:tiny_task:model"
 

@@ -94,9 +94,7 @@ class DataConfig:
             if isinstance(value, int) and not 1 <= value <= MAX_COUNT:
                 problems.append(f"data.{key} must be a whole number of examples >= 1, got {value:,d}")
         if isinstance(self.limit, int) and self.limit < 2:
-            problems.append(
-                f"data.limit must be >= 2 examples (or null for all of them), got {self.limit:,d}"
-            )
+            problems.append(f"data.limit must be >= 2 examples (or null for all of them), got {self.limit:,d}")
         if isinstance(self.val_fraction, (int, float)) and not 0 < self.val_fraction < 1:
             problems.append(
                 f"data.val_fraction is the share of each class held out for validation, in (0, 1), "
@@ -106,7 +104,9 @@ class DataConfig:
             try:
                 codecs.lookup(self.encoding)
             except LookupError:
-                problems.append(f"data.encoding {self.encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1)")
+                problems.append(
+                    f"data.encoding {self.encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1)"
+                )
         if problems:
             raise ConfigError(problems)
 
@@ -148,7 +148,9 @@ class StageConfig:
                 problems.append(f"stage {self.name!r}: {key} must be a finite number > 0, got {value}")
         if isinstance(self.layer_decay, (int, float)) and not 0 < self.layer_decay <= 1:
             problems.append(f"stage {self.name!r}: layer_decay must be in (0, 1], got {self.layer_decay}")
-        if isinstance(self.weight_decay, (int, float)) and not (0 <= self.weight_decay and math.isfinite(self.weight_decay)):
+        if isinstance(self.weight_decay, (int, float)) and not (
+            0 <= self.weight_decay and math.isfinite(self.weight_decay)
+        ):
             problems.append(f"stage {self.name!r}: weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not isinstance(self.schedule, str) or self.schedule not in SCHEDULES:
             close = difflib.get_close_matches(str(self.schedule), SCHEDULES, n=1)
@@ -206,7 +208,9 @@ class RunConfig:
             )
         if isinstance(self.min_delta, (int, float)) and not (0 <= self.min_delta < 1):
             problems.append(f"run.min_delta is a rise in validation accuracy, in [0, 1), got {self.min_delta}")
-        if isinstance(self.cache_memory_mb, (int, float)) and not (0 <= self.cache_memory_mb and math.isfinite(self.cache_memory_mb)):
+        if isinstance(self.cache_memory_mb, (int, float)) and not (
+            0 <= self.cache_memory_mb and math.isfinite(self.cache_memory_mb)
+        ):
             problems.append(f"run.cache_memory_mb must be a finite number >= 0, got {self.cache_memory_mb}")
         for key in ("name", "output"):
             value = getattr(self, key)

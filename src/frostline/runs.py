@@ -94,7 +94,9 @@ class TrainedRun:
                 raise ConfigError(f"{self.folder / 'data.json'} is damaged: val_indices is not a list of indices")
             data = validation_subset(full, config, record["fingerprint"], indices)
             where = f"{full.origin} validation split (the {len(indices):,d} examples the run held out)"
-        inputs, labels, transform = self._as_inputs(relabel(data, self.labels, config.ref, "the trained model"), transform)
+        inputs, labels, transform = self._as_inputs(
+            relabel(data, self.labels, config.ref, "the trained model"), transform
+        )
         return inputs, labels, transform, where
 
     def _read(self, ref: str) -> tuple[Any, Any]:

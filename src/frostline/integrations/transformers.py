@@ -259,7 +259,9 @@ class FrostlineCallback(TrainerCallback):
                 f"{strategy!r}; pass TrainingArguments(eval_strategy='epoch')"
             )
         elif args.eval_delay:
-            problems.append(f"eval_delay must be 0 for FrostlineCallback (every epoch is judged), got {args.eval_delay}")
+            problems.append(
+                f"eval_delay must be 0 for FrostlineCallback (every epoch is judged), got {args.eval_delay}"
+            )
         if args.max_steps <= 0 and math.ceil(args.num_train_epochs) < self.epochs:
             listing = ", ".join(f"{s.name} {s.epochs}" for s in self.recipe.stages)
             problems.append(
@@ -363,7 +365,12 @@ class FrostlineCallback(TrainerCallback):
         self.history.append(record)
         decision = self.recipe.decide(self.history, stage)
         self.diagnosis = decision.diagnosis
-        logger.info("epoch %d (%s): %s", record.epoch, stage.config.name, decision.diagnosis.message or decision.diagnosis.verdict)
+        logger.info(
+            "epoch %d (%s): %s",
+            record.epoch,
+            stage.config.name,
+            decision.diagnosis.message or decision.diagnosis.verdict,
+        )
         if decision.best:
             self.best_state = model_tensors(self._model)
         if decision.end_stage:
@@ -379,7 +386,9 @@ class FrostlineCallback(TrainerCallback):
             # stopped by something other than the recipe (another callback, max_steps)
             self._finish()
             if self.stop_reason is None:
-                self.stop_reason = f"the Trainer stopped at step {state.global_step:,d}; " + self.recipe.finished(self.history)
+                self.stop_reason = f"the Trainer stopped at step {state.global_step:,d}; " + self.recipe.finished(
+                    self.history
+                )
         if self.best_state is not None:
             self._model.load_state_dict(self.best_state)
             best = self.history[self.recipe.monitor.best_index(self.history)]

@@ -115,9 +115,7 @@ def plot_training(
     )
     ax_loss.plot(epochs, [r.train_loss for r in history], "o-", color="tab:blue", label="training loss")
     ax_loss.plot(epochs, [r.val_loss for r in history], "s-", color="tab:orange", label="validation loss")
-    ax_acc.plot(
-        epochs, [100 * r.val_accuracy for r in history], "s-", color="tab:orange", label="validation accuracy"
-    )
+    ax_acc.plot(epochs, [100 * r.val_accuracy for r in history], "s-", color="tab:orange", label="validation accuracy")
     ax_acc.plot(
         epochs,
         [100 * r.train_accuracy if r.train_accuracy is not None else float("nan") for r in history],

@@ -79,9 +79,7 @@ def open_tokenizer(name: str):
         with _quiet_transformers():
             return AutoTokenizer.from_pretrained(folder)
     except Exception as err:  # transformers raises many types for a folder it cannot read
-        raise ModelRefError(
-            f"hf:{name}: cannot load a tokenizer from {folder} ({one_line(err)})"
-        ) from err
+        raise ModelRefError(f"hf:{name}: cannot load a tokenizer from {folder} ({one_line(err)})") from err
 
 
 def open_text_model(name: str, num_classes: int | None) -> ModelSource:

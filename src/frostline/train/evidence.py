@@ -62,7 +62,13 @@ class Change:
     after_epoch: int
     se: float
     examples: int | None
-    paired: bool
+    basis: str
+    """How the error was measured: "paired", "unpaired", "scatter" (the history's epoch-to-epoch scatter) or
+    "relative" (a relative tolerance) or "none" (no error: nothing known of the examples)."""
+
+    @property
+    def paired(self) -> bool:
+        return self.basis == "paired"
 
     @property
     def delta(self) -> float:
@@ -81,8 +87,12 @@ class Change:
 
     def describe(self) -> str:
         """'0.0913 (epoch 6) -> 0.0914 (epoch 8), +0.0001 ± 0.0021 (paired, 426 examples)'."""
-        how = "paired" if self.paired else "unpaired"
-        basis = f"{how}, {self.examples:,d} examples" if self.examples else "no example count: relative tolerance"
+        basis = {
+            "paired": f"paired, {self.examples or 0:,d} examples",
+            "unpaired": f"unpaired, {self.examples or 0:,d} examples",
+            "scatter": "from the epoch-to-epoch scatter; examples not recorded",
+            "none": "examples not recorded: every change counts",
+        }.get(self.basis, "relative tolerance; examples not recorded")
         return (
             f"{self.before:.4f} (epoch {self.before_epoch}) -> {self.after:.4f} (epoch {self.after_epoch}), "
             f"{self.delta:+.4f} ± {self.se:.4f} ({basis})"
@@ -147,16 +157,16 @@ def loss_change(before: EpochRecord, after: EpochRecord, noise: Noise | None = N
     a, b = examples_of(before), examples_of(after)
     if a is not None and b is not None and len(a) == len(b) and len(a) > 1:
         se = float((b.losses.double() - a.losses.double()).std()) / math.sqrt(len(a))
-        return Change("loss", before.val_loss, after.val_loss, before.epoch, after.epoch, se, len(a), True)
+        return Change("loss", before.val_loss, after.val_loss, before.epoch, after.epoch, se, len(a), "paired")
     sds = [getattr(r, "val_loss_sd", None) for r in (before, after)]
     if count and all(sd is not None for sd in sds):
         se = math.sqrt(sds[0] ** 2 + sds[1] ** 2) / math.sqrt(count)
-        return Change("loss", before.val_loss, after.val_loss, before.epoch, after.epoch, se, count, False)
+        return Change("loss", before.val_loss, after.val_loss, before.epoch, after.epoch, se, count, "unpaired")
     if noise and noise.loss_jitter:
         se = noise.loss_jitter * math.sqrt(2)
-        return Change("loss", before.val_loss, after.val_loss, before.epoch, after.epoch, se, count, False)
+        return Change("loss", before.val_loss, after.val_loss, before.epoch, after.epoch, se, count, "scatter")
     se = RELATIVE_LOSS_NOISE * min(before.val_loss, after.val_loss)
-    return Change("loss", before.val_loss, after.val_loss, before.epoch, after.epoch, se, None, False)
+    return Change("loss", before.val_loss, after.val_loss, before.epoch, after.epoch, se, None, "relative")
 
 
 def metric_change(before: EpochRecord, after: EpochRecord, metric: str, noise: Noise | None = None) -> Change:
@@ -171,19 +181,24 @@ def metric_change(before: EpochRecord, after: EpochRecord, metric: str, noise: N
         gained = int((b.correct & ~a.correct).sum())
         lost = int((a.correct & ~b.correct).sum())
         se = math.sqrt(max(gained + lost - (gained - lost) ** 2 / n, 0.0)) / n
-        return Change(name, x, y, before.epoch, after.epoch, se, n, True)
+        return Change(name, x, y, before.epoch, after.epoch, se, n, "paired")
     if count:
         se = math.sqrt((_bernoulli(x) + _bernoulli(y)) / count)
-        return Change(name, x, y, before.epoch, after.epoch, se, count, False)
-    return Change(name, x, y, before.epoch, after.epoch, 0.0, None, False)
+        return Change(name, x, y, before.epoch, after.epoch, se, count, "unpaired")
+    return Change(name, x, y, before.epoch, after.epoch, 0.0, None, "none")
 
 
 def loss_resolution(record: EpochRecord, noise: Noise | None = None) -> float:
     """The standard error of one epoch's mean validation loss: the smallest change of a loss the validation set can
-    tell from chance (sd / sqrt(n)), or the relative tolerance when the spread is unknown."""
+    tell from chance (sd / sqrt(n)). Without the spread of the losses it is estimated from the accuracy: a
+    classifier's cross-entropy sits mostly on the examples it gets wrong, a share 1 - a of them, which gives a spread
+    near loss * sqrt(a / (1 - a)); with nothing to go on, the relative tolerance."""
     examples = examples_of(record)
     sd = examples.loss_sd if examples is not None else getattr(record, "val_loss_sd", None)
     n = len(examples) if examples is not None else (noise.count if noise else None)
+    accuracy = getattr(record, "val_accuracy", None)
+    if sd is None and n and accuracy is not None and 0 < accuracy < 1:
+        sd = record.val_loss * math.sqrt(accuracy / (1 - accuracy))
     if sd is not None and n:
         return sd / math.sqrt(n)
     return RELATIVE_LOSS_NOISE * record.val_loss
