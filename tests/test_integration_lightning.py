@@ -246,14 +246,14 @@ def test_a_checkpoint_taken_after_stage_one_resumes_into_stage_two(tmp_path):
     initial = _weights(net)
     recipe = FrostlineRecipe(STAGES, model="net", patience=5)
     saving = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
-    _trainer([recipe, saving], enable_checkpointing=True).fit(Digits(net))
+    _trainer([recipe, saving], enable_checkpointing=True).fit(DigitsRecorded(net, recipe))
     _, stage, trainable, groups = _engine_stage(1)
 
     # after stage 1 (epoch=1.ckpt): stage 2 begins with fresh groups; inside stage 2 (epoch=2.ckpt): its AdamW state
     for checkpoint, epochs_left, optimizer_state in (("epoch=1", 2, []), ("epoch=2", 1, sorted(trainable))):
         resumed_net = _net()
         resumed, probe = FrostlineRecipe(STAGES, model="net", patience=5), Probe()
-        _trainer([resumed, probe]).fit(Digits(resumed_net), ckpt_path=tmp_path / f"{checkpoint}.ckpt")
+        _trainer([resumed, probe]).fit(DigitsRecorded(resumed_net, resumed), ckpt_path=tmp_path / f"{checkpoint}.ckpt")
 
         assert len(probe.epochs) == epochs_left
         assert probe.epochs[0]["trainable"] == trainable
@@ -266,6 +266,9 @@ def test_a_checkpoint_taken_after_stage_one_resumes_into_stage_two(tmp_path):
             [r.to_dict()[k] for k in (*keys, "lr")] for r in recipe.history
         ]
         assert (resumed.stop_reason, resumed.best_epoch) == (recipe.stop_reason, recipe.best_epoch)
+        # each epoch's per-example evidence, from before the checkpoint too, as the monitor saw it uninterrupted
+        for a, b in zip(resumed.history, recipe.history, strict=True):
+            assert torch.equal(a.examples.losses, b.examples.losses) and a.verdict == b.verdict
         assert all(torch.equal(v, net.state_dict()[k]) for k, v in resumed_net.state_dict().items())
         assert torch.equal(resumed_net.features[0].weight, initial["features.0.weight"])
 

@@ -249,17 +249,23 @@ def test_a_checkpoint_after_stage_one_resumes_in_stage_two_with_its_set_and_grou
     ]
     model, _ = tiny_bert()
     whole = FrostlineCallback(stages)
-    _trainer(model, whole, _args(tmp_path / "whole", 3, save_strategy="epoch")).train()
+    whole_trainer = _trainer(model, whole, _args(tmp_path / "whole", 3, save_strategy="epoch"))
+    whole_trainer.compute_metrics = whole.compute_metrics
+    whole_trainer.train()
 
     resumed_model, _ = tiny_bert()
     callback = FrostlineCallback(stages)
     probe = Probe(resumed_model)
     trainer = _trainer(resumed_model, callback, _args(tmp_path / "whole", 3, save_strategy="no"), probe)
+    trainer.compute_metrics = callback.compute_metrics
     trainer.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-4"))
 
     expected, _ = _reference(stages)
     assert [r.stage for r in callback.history] == ["head", "last2", "last2"]
     assert callback.history[0] == whole.history[0]
+    # the monitor's per-example evidence of the epoch before the checkpoint came back with it
+    assert torch.equal(callback.history[0].examples.losses, whole.history[0].examples.losses)
+    assert [r.verdict for r in callback.history] == [r.verdict for r in whole.history]
     assert [p["trainable"] for p in probe.epochs] == [expected["last2"][0]] * 2
     assert [g[:2] for g in probe.epochs[0]["groups"]] == [g[:2] for g in expected["last2"][1]]
     assert callback.stop_reason == whole.stop_reason

@@ -83,7 +83,13 @@ from frostline.guard import Finding, GuardReport
 from frostline.inspect import ModelMap, inspect_model
 from frostline.optim import adamw, group_rates
 from frostline.recipe import EpochRecord, Recipe, Stage, steps_per_epoch
-from frostline.train.evidence import ValidationExamples, examples_from_logits, join_examples
+from frostline.train.evidence import (
+    ValidationExamples,
+    attach_examples,
+    examples_from_logits,
+    examples_tensors,
+    join_examples,
+)
 from frostline.train.monitor import Diagnosis
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
@@ -312,6 +318,7 @@ class FrostlineRecipe(Callback):
             "stage": self.stage_index,
             "stage_epoch": sum(1 for r in self.history if r.stage_index == self.stage_index),
             "history": [r.to_dict() for r in self.history],
+            "examples": examples_tensors(self.history),
             "done": self.done,
             "stop_reason": self.stop_reason,
             "diagnosis": self.diagnosis.to_dict() if self.diagnosis is not None else None,
@@ -324,6 +331,7 @@ class FrostlineRecipe(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = state_dict
         self.history = [EpochRecord.from_dict(r) for r in state_dict["history"]]
+        attach_examples(self.history, state_dict.get("examples", {}))
         self.stage_index = state_dict["stage"]
         self.done = state_dict["done"]
         self.stop_reason = state_dict["stop_reason"]

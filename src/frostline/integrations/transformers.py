@@ -66,7 +66,7 @@ from frostline.errors import ConfigError
 from frostline.inspect import ModelMap, inspect_model
 from frostline.optim import adamw, group_rates
 from frostline.recipe import EpochRecord, Recipe, Stage, steps_per_epoch
-from frostline.train.evidence import ValidationExamples, examples_from_logits
+from frostline.train.evidence import ValidationExamples, attach_examples, examples_from_logits, examples_tensors
 from frostline.train.monitor import Diagnosis
 
 logger = logging.getLogger(__name__)
@@ -438,6 +438,7 @@ class FrostlineCallback(TrainerCallback):
             "stage_open": self._open,
             "stop_reason": self.stop_reason if not self._open and self._next is None else None,
             "history": [r.to_dict() for r in self.history],
+            "examples": examples_tensors(self.history),
             "best": self.best_state,
         }
 
@@ -451,6 +452,7 @@ class FrostlineCallback(TrainerCallback):
         if place["stop_reason"]:
             raise ConfigError(f"this checkpoint's recipe had already ended ({place['stop_reason']}); nothing to resume")
         self.history = [EpochRecord.from_dict(r) for r in place["history"]]
+        attach_examples(self.history, place.get("examples", {}))
         self.best_state = {k: v.cpu() for k, v in place["best"].items()} if place["best"] is not None else None
         self.diagnosis, self.stop_reason = None, None
         if place["stage_open"]:
