@@ -236,14 +236,21 @@ class OverfitMonitor:
         gap = last.val_loss - last.train_loss
         name = self.metric.removeprefix("val_")
         if best < since and last.train_loss >= top.train_loss:
-            message = (
-                f"no gain: this stage has not beaten epoch {best + 1} (validation {name} "
-                f"{getattr(top, self.metric):.4f}) in {t - since + 1} epochs, and its training loss "
-                f"{last.train_loss:.4f} is still above the {top.train_loss:.4f} of that epoch, so the "
-                "model is not memorising: unfreezing set it back further than this stage recovered. Try a lower "
-                "learning rate for the stage, fewer unfrozen blocks, or bn=fixed for models with BatchNorm."
+            headline = (
+                f"no gain: this stage has not beaten epoch {best + 1} in {t - since + 1} epochs, and it still fits the "
+                "training data worse than that epoch did, so the model is not memorising: unfreezing set it back "
+                "further than this stage recovered. Try a lower learning rate for the stage, fewer unfrozen blocks, "
+                "or bn=fixed for models with BatchNorm."
             )
-            return Diagnosis("plateau", best + 1, waited, gap=gap, message=message)
+            evidence = [
+                f"validation {name} {metric_change(top, last, self.metric, noise).describe()}",
+                f"validation loss {loss_change(top, last, noise).describe()}",
+                f"training loss {last.train_loss:.4f} (epoch {last.epoch}), still above {top.train_loss:.4f} "
+                f"(epoch {top.epoch})",
+            ]
+            return Diagnosis(
+                "plateau", best + 1, waited, gap=gap, message=_message(headline, evidence), evidence=evidence
+            )
         low = min(range(len(history)), key=lambda i: history[i].val_loss)
         # validation last improved at the later of its best metric and its lowest loss; the training loss is
         # compared with where it stood then, or at the stage's start when that was in an earlier stage
