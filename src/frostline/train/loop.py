@@ -132,9 +132,10 @@ def evaluate(
             inputs, labels = batch_to(inputs, runtime.device), labels.to(runtime.device)
             with runtime.autocast():
                 logits = forward(inputs).float()
+            predicted = logits.argmax(dim=-1)
             losses.append(F.cross_entropy(logits, labels, reduction="none").cpu())
-            rights.append((logits.argmax(dim=-1) == labels).cpu())
-            preds.append(logits.argmax(dim=-1).cpu())
+            rights.append((predicted == labels).cpu())
+            preds.append(predicted.cpu())
             probs.append(logits.softmax(dim=-1).cpu())
     each, correct = torch.cat(losses), torch.cat(rights)
     seen = max(len(each), 1)

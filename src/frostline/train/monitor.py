@@ -131,7 +131,7 @@ class OverfitMonitor:
         noise = noise_of(history, self.metric)
         proof = self._proof(history, since, best, noise)
         if proof is not None:
-            return self._proved(history, best, proof, noise, continues=waited < self.patience)
+            return self._proved(history, best, proof, continues=waited < self.patience)
         if (
             waited < self.patience
             or t - since + 1 < self.patience
@@ -190,9 +190,7 @@ class OverfitMonitor:
     def _fell(self, before: EpochRecord, after: EpochRecord) -> bool:
         return after.train_loss < before.train_loss * (1 - self.train_drop)
 
-    def _proved(
-        self, history: Sequence[EpochRecord], best: int, proof: Change, noise: Noise, continues: bool
-    ) -> Diagnosis:
+    def _proved(self, history: Sequence[EpochRecord], best: int, proof: Change, continues: bool) -> Diagnosis:
         last, top = history[-1], history[best]
         began = proof.before_epoch + 1
         then = history[proof.before_epoch - 1]
