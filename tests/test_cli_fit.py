@@ -107,3 +107,29 @@ def test_validation_classes_missing_from_training(news_csv, tmp_path, capsys):
 
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert "no config.json there" in _fails(capsys, ["fit", "--resume", str(tmp_path)])
+
+
+def test_the_best_accuracy_is_reported_with_its_standard_error_and_the_epochs_the_data_cannot_tell_apart():
+    import torch
+
+    from frostline.cli.fit import _uncertainty
+    from frostline.recipe import EpochRecord
+    from frostline.train.evidence import ValidationExamples
+    from frostline.train.trainer import FitResult
+
+    n = 400
+    rights = [300, 380, 381, 379]  # epochs 2 and 4 are a step or two from epoch 3; epoch 1 is far below
+    history = []
+    for epoch, right in enumerate(rights, start=1):
+        correct = torch.arange(n) < right
+        examples = ValidationExamples(torch.where(correct, 0.1, 2.0), correct)
+        history.append(
+            EpochRecord(
+                epoch, "s", 0, epoch, "head", 1.0 / epoch, float(examples.losses.mean()), right / n, examples=examples
+            )
+        )
+    result = FitResult(history, 3, "s", 381 / n, history[2].val_loss, "", None, None, None, 0.0, [])
+
+    text = _uncertainty(result)
+
+    assert text == " ± 1.06 (400 examples; epochs 2, 4 as good within noise)"

@@ -240,3 +240,22 @@ def join_examples(parts: Sequence[ValidationExamples]) -> ValidationExamples | N
     if not parts:
         return None
     return ValidationExamples(torch.cat([p.losses for p in parts]), torch.cat([p.correct for p in parts]))
+
+
+def within_noise_of_best(history: Sequence[EpochRecord], best: int, metric: str = "val_accuracy") -> list[int]:
+    """The other epochs whose metric is not beyond noise below the best epoch's (less than `SIGNIFICANT` standard
+    errors of the difference, paired when recorded): the validation set cannot tell them from the best one."""
+    noise = noise_of(history, metric)
+    return [
+        r.epoch
+        for i, r in enumerate(history)
+        if i != best and not metric_change(history[best], r, metric, noise).beyond_noise(-1)
+    ]
+
+
+def standard_error(
+    record: EpochRecord, history: Sequence[EpochRecord] = (), metric: str = "val_accuracy"
+) -> float | None:
+    """One epoch's accuracy-like metric's standard error, sqrt(p(1 - p) / n), when the count is known."""
+    count = count_of(record, history, metric)
+    return math.sqrt(_bernoulli(getattr(record, metric)) / count) if count else None
