@@ -53,6 +53,8 @@ def test_eval_reports_the_best_weights_accuracy(fitted_run, capsys):
     records = [json.loads(line) for line in (fitted_run / "metrics.jsonl").read_text().splitlines()]
     best = max(records, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
     assert f"accuracy {100 * best['val_accuracy']:.2f}%" in out
+    p, n = best["val_accuracy"], best["val_count"]
+    assert f"± {100 * (p * (1 - p) / n) ** 0.5:.2f} (one standard error, {n:,d} examples)" in out
     assert "business" in out and "recall" in out
 
 

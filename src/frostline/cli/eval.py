@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from rich.table import Table
 
@@ -51,7 +52,13 @@ def run(args: argparse.Namespace) -> int:
         model_forward(model), TensorBatches(inputs, labels, args.batch_size, transform=transform), runtime, [model]
     )
     console.print(f"{args.run_dir} on {where}: {len(labels):,d} examples", highlight=False)
-    console.print(f"accuracy [bold]{100 * result.accuracy:.2f}%[/]  loss {result.loss:.4f}", highlight=False)
+    n = len(result.correct)
+    se = 100 * math.sqrt(result.accuracy * (1 - result.accuracy) / max(n, 1))
+    console.print(
+        f"accuracy [bold]{100 * result.accuracy:.2f}%[/] ± {se:.2f} (one standard error, {n:,d} examples)  "
+        f"loss {result.loss:.4f}",
+        highlight=False,
+    )
     table = Table(header_style="bold", box=None, pad_edge=False)
     for name in ("class", "examples", "precision", "recall"):
         table.add_column(name, justify="left" if name == "class" else "right")
