@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# precision timings go to a folder of this session, not the user's ~/.cache (CLI subprocesses inherit it)
+os.environ.setdefault("FROSTLINE_CACHE_DIR", tempfile.mkdtemp(prefix="frostline-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -233,3 +233,26 @@ def test_overfitting_of_the_head_in_the_last_stage_stops_the_run(tmp_path):
 
     assert len(result.history) == 2
     assert result.stop_reason == "overfitting began at epoch 2 (stage head); stopped at epoch 2"
+
+
+def test_auto_precision_is_timed_on_the_model_recorded_in_run_json_and_kept_on_resume(tmp_path, monkeypatch):
+    from frostline.train import precision as precision_module
+    from frostline.train import trainer as trainer_module
+    from frostline.train.precision import Timing
+
+    monkeypatch.setenv("FROSTLINE_CACHE_DIR", str(tmp_path / "cache"))  # these made-up timings stay in this test
+    monkeypatch.setattr(precision_module, "time_passes", lambda *a: Timing(0.30, 0.25, 3, 8, "2026-11-29T00:00:00"))
+    monkeypatch.setattr(trainer_module, "other_cpu_cores", lambda **kw: None)  # an idle machine: timing counts
+    config = _config(tmp_path, precision="auto")
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config, _KillAfter(1)).fit()
+    record = json.loads((tmp_path / "run" / "run.json").read_text())["runtime"]
+    assert record["precision"] == "bf16"  # 0.30 / 0.25 = 1.2x, past the 1.1x bar
+    assert "0.300 s in fp32 and 0.250 s in bf16" in record["reason"]
+
+    # timings that now say fp32 do not change a run that started in bf16
+    monkeypatch.setattr(precision_module, "time_passes", lambda *a: Timing(0.2, 0.4, 3, 8, "2026-11-29T00:00:00"))
+    resumed = Trainer(config)
+    resumed.fit(resume=tmp_path / "run")
+    assert resumed.runtime.precision == "bf16"
+    assert resumed.runtime.reason == "bf16, as chosen when the run started"

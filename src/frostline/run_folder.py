@@ -129,9 +129,10 @@ def resume_dir(resume: str | Path) -> Path:
     return folder
 
 
-def start(folder: Path) -> None:
-    """Create the folder of a new run and write a fresh record. What a failed start left is cleared; so is an
-    earlier run in the folder (only reached with --overwrite), so that none of its state can pass for this run's."""
+def start(folder: Path, runtime: dict[str, Any] | None = None) -> None:
+    """Create the folder of a new run and write a fresh record (with how the precision was chosen, `runtime`, so
+    that a resume computes as the run did). What a failed start left is cleared; so is an earlier run in the folder
+    (only reached with --overwrite), so that none of its state can pass for this run's."""
     if is_failed_start(folder):
         clear_failed_start(folder)
     elif is_run(folder):
@@ -140,7 +141,10 @@ def start(folder: Path) -> None:
         for name in ("checkpoint", "checkpoint.old", "checkpoint.new"):
             shutil.rmtree(folder / name, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
-    write_record(folder, _new_record())
+    record = _new_record()
+    if runtime is not None:
+        record["runtime"] = runtime
+    write_record(folder, record)
 
 
 def clear_failed_start(folder: Path) -> None:

@@ -25,6 +25,9 @@ class Runtime:
     precision: str
     """bf16 or fp32."""
     reason: str
+    measurable: bool = False
+    """The precision is a first guess that timing on the run's model may change (`precision: auto` on a CPU:
+    `frostline.train.precision`)."""
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast when the run uses it; otherwise nothing."""
@@ -56,13 +59,12 @@ def select_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     if dev.type == "cuda" and torch.cuda.is_bf16_supported():
         return Runtime(dev, "bf16", "bf16 autocast: this GPU supports bf16")
     if dev.type == "cpu" and _cpu_has_native_bf16():
-        return Runtime(dev, "bf16", "bf16 autocast: this CPU has native bf16 instructions")
-    why = (
-        "this CPU has no native bf16 (emulated bf16 ran MiniLM 6x slower than fp32)"
-        if dev.type == "cpu"
-        else f"bf16 is not used on {dev.type}"
-    )
-    return Runtime(dev, "fp32", f"fp32: {why}")
+        return Runtime(dev, "bf16", "bf16 autocast: this CPU has native bf16 instructions", measurable=True)
+    if dev.type == "cpu":
+        return Runtime(
+            dev, "fp32", "fp32: this CPU has no native bf16 (emulated bf16 ran MiniLM 6x slower)", measurable=True
+        )
+    return Runtime(dev, "fp32", f"fp32: bf16 is not used on {dev.type}")
 
 
 def _available(device: str) -> torch.device:

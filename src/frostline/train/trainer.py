@@ -41,6 +41,7 @@ from frostline.train.cache import FeatureCache, fingerprint, plan_cache
 from frostline.train.evidence import ValidationExamples, attach_examples, examples_tensors
 from frostline.train.loop import EpochResult, EvalResult, NonFiniteLoss, evaluate, model_forward, train_epoch
 from frostline.train.monitor import Diagnosis
+from frostline.train.precision import choose_precision
 from frostline.train.runtime import (
     CpuSample,
     Runtime,
@@ -116,6 +117,8 @@ class Trainer:
         self.config = config
         self.reporter = reporter or SilentReporter()
         self.runtime: Runtime = select_runtime(config.run.device, config.run.precision)
+        self.runtime_record: dict[str, Any] | None = None
+        """How the precision was chosen (measured timings for `precision: auto` on a CPU), kept in run.json."""
         if config.run.threads:
             torch.set_num_threads(config.run.threads)
         seed_everything(config.run.seed)
@@ -132,7 +135,8 @@ class Trainer:
         """The stage in progress whose number of epochs was changed on resume, if any."""
 
     # ---- set-up -------------------------------------------------------------------------------
-    def _prepare(self) -> None:
+    def _prepare(self, recorded_runtime: dict[str, Any] | None = None) -> None:
+        """Read the data, load and map the model, choose the precision (`recorded_runtime`: a resumed run's own)."""
         # the machine's load is sampled across the loading below, so measuring it adds no wait of its own
         load_start = CpuSample.now()
         if self.data is None:
@@ -158,14 +162,38 @@ class Trainer:
         for note in self.source.notes + self.data.notes:
             self.reporter.note(note)
         self.reporter.note(self.data.describe())
-        self.reporter.note(f"device {self.runtime.device}, {self.runtime.reason}")
+        busy = None
         if self.runtime.device.type == "cpu":
             busy = contention_note(other_cpu_cores(since=load_start), torch.get_num_threads(), os.cpu_count() or 1)
-            if busy:
-                self.reporter.note(busy)
         self.model: nn.Module = self.source.model.to(self.runtime.device)
         self.model_map: ModelMap = inspect_model(self.model, batch_to(self.source.example_batch, self.runtime.device))
         self.recipe.check(self.model, self.model_map)
+        self._choose_precision(recorded_runtime, timed=busy is None)
+        self.reporter.note(f"device {self.runtime.device}, {self.runtime.reason}")
+        if busy:
+            self.reporter.note(busy)
+
+    def _choose_precision(self, recorded: dict[str, Any] | None, timed: bool) -> None:
+        """`precision: auto` on a CPU: the precision a resumed run started with, else what timing both on this model
+        and a batch of the data says (not on a busy machine, where timings mislead: the first guess stays)."""
+        if not self.runtime.measurable:
+            return
+        if recorded is not None and recorded.get("precision") in ("bf16", "fp32"):
+            precision = recorded["precision"]
+            self.runtime = Runtime(self.runtime.device, precision, f"{precision}, as chosen when the run started")
+            self.runtime_record = recorded
+            return
+        if not timed:
+            self.runtime_record = {
+                "precision": self.runtime.precision,
+                "reason": self.runtime.reason + " (not timed: other work was using the CPU)",
+            }
+            return
+        size = min(8, self.config.data.batch_size)
+        inputs, _ = next(iter(self.data.train_batches(size, seed=self.config.run.seed)))
+        self.runtime, self.runtime_record = choose_precision(
+            self.runtime, model_forward(self.model), self.model, batch_to(inputs, self.runtime.device)
+        )
 
     def _write(self, name: str, text: str) -> None:
         if self.run_dir is not None and is_main_process():
@@ -203,10 +231,11 @@ class Trainer:
             checkpoint = read_checkpoint(folder)
             position = checkpoint["trainer"]["position"]
             changes = self._check_resume_changes(folder, position)
-        self._prepare()
+        recorded = (run_folder.read_record(folder) or {}).get("runtime") if resume is not None else None
+        self._prepare(recorded)
         if write and is_main_process():
             if resume is None:
-                run_folder.start(folder)
+                run_folder.start(folder, self.runtime_record)
             elif changes:
                 run_folder.record_resumed(
                     folder, f"stage {position['stage'] + 1}, epoch {position['epoch'] + 1}", changes
