@@ -16,6 +16,9 @@ from frostline.config import FitConfig, apply_overrides, config_from_dict, load_
 from frostline.errors import FreezeSpecError, FrostlineError
 from frostline.freeze import FreezeSpec, freeze, held_in_eval, plan_freeze
 from frostline.inspect import inspect_model
+from frostline.recipe import EpochRecord
+from frostline.train.evidence import ValidationExamples
+from frostline.train.monitor import OverfitMonitor
 from test_freeze import SpareBranch, ThroughChildren
 
 # fast enough for the whole file to run in well under 30 s on two busy cores; no example database in the checkout
@@ -407,3 +410,60 @@ def test_near_valid_spec_strings_reach_every_mode(mode):
 
     text = find(near_specs, parses_to_mode, settings=settings(max_examples=1000, database=None, derandomize=True))
     assert FreezeSpec.parse(text).mode == mode
+
+
+# ---- the overfitting monitor on any history -----------------------------------------------------------------------
+
+_losses = st.floats(min_value=0.0, max_value=20.0, allow_nan=False)
+_epoch = st.tuples(_losses, _losses, st.integers(min_value=0, max_value=50))
+
+
+@st.composite
+def _histories(draw):
+    """Histories of any shape: losses from 0 (a perfect fit) up, accuracies in steps of 1/n, per-example results for
+    some, one or two stages."""
+    n = draw(st.integers(min_value=1, max_value=50))
+    epochs = draw(st.lists(_epoch, min_size=1, max_size=14))
+    with_examples = draw(st.booleans())
+    second = draw(st.integers(min_value=0, max_value=len(epochs)))
+    history = []
+    for i, (train, val, right) in enumerate(epochs):
+        right = min(right, n)
+        examples = None
+        if with_examples:
+            correct = torch.arange(n) < right
+            examples = ValidationExamples(torch.where(correct, 0.0, 2.0 * val).float(), correct)
+        stage = 1 if i >= second else 0
+        history.append(
+            EpochRecord(i + 1, f"s{stage}", stage, i + 1, "head", train, val, right / n, val_count=n, examples=examples)
+        )
+    return history, min(second, len(history) - 1) if second < len(history) else 0
+
+
+def _flat(train, val, epochs=6):
+    return [
+        EpochRecord(i + 1, "s", 0, i + 1, "head", t, v, 1.0, val_count=10)
+        for i, (t, v) in enumerate([(train, val)] * epochs)
+    ]
+
+
+@FAST
+@given(_histories(), st.integers(min_value=1, max_value=4))
+@example((_flat(0.0, 0.0), 0), 2)  # a perfect fit: losses of exactly 0 (divided by, once)
+@example((_flat(0.0, 0.3), 0), 2)
+@example((_flat(0.2, 0.0), 0), 1)
+def test_the_monitor_gives_a_verdict_on_any_history_and_its_numbers_hold(drawn, patience):
+    history, since = drawn
+    monitor = OverfitMonitor(patience=patience)
+    diagnosis = monitor.diagnose(history, since)
+
+    assert diagnosis.verdict in ("improving", "converged", "overfitting", "plateau")
+    assert 1 <= diagnosis.best_epoch <= len(history)
+    assert diagnosis.best_epoch == monitor.best_index(history) + 1
+    if diagnosis.verdict == "overfitting":
+        assert diagnosis.level in ("onset", "proved") and diagnosis.began_epoch is not None
+        assert 2 <= diagnosis.began_epoch <= len(history) + 1
+    if diagnosis.verdict == "improving":
+        assert not diagnosis.should_stop
+    else:
+        assert diagnosis.message and diagnosis.evidence

@@ -254,8 +254,9 @@ class OverfitMonitor:
         # compared with where it stood then, or at the stage's start when that was in an earlier stage
         improved = max(best, low)
         start = history[max(improved, since)]
-        fall = (start.train_loss - last.train_loss) / start.train_loss
-        resolution = loss_resolution(last, noise) / last.val_loss
+        # relative changes; a loss of exactly 0 (a perfect fit) has none to speak of
+        fall = (start.train_loss - last.train_loss) / start.train_loss if start.train_loss > 0 else 0.0
+        resolution = loss_resolution(last, noise) / last.val_loss if last.val_loss > 0 else 0.0
         rise = loss_change(history[low], last, noise)
         evidence = [
             f"validation {name} {metric_change(top, last, self.metric, noise).describe()}: no new best in {waited} epochs",
