@@ -210,11 +210,14 @@ def run_frostline(
         run=RunConfig(seed=args.seed, cache=cache, threads=args.threads),
     )
     clock = EpochClock(RUN_NAMES[args.one[1]])
-    result = Trainer(config, reporter=ClockReporter(clock), source=source, data=data).fit(write=False)
+    trainer = Trainer(config, reporter=ClockReporter(clock), source=source, data=data)
+    result = trainer.fit(write=False)
     return outcome(
         clock,
         started,
         result.best_val_accuracy,
+        precision=trainer.runtime.precision,
+        precision_reason=trainer.runtime.reason,
         stop_reason=result.stop_reason,
         cache_seconds=sum(r.cache_seconds for r in result.history),
         cached=sorted({r.cache for r in result.history if r.cache}),
@@ -795,6 +798,9 @@ def machine(args: argparse.Namespace) -> str:
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
     cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    # the flags that decide how fast bf16 and wide vectors run; "none of them" is as telling
+    vector = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"})
     versions = []
     for package in ("torch", "transformers", "lightning", "accelerate"):
         try:
@@ -802,8 +808,10 @@ def machine(args: argparse.Namespace) -> str:
         except metadata.PackageNotFoundError:
             versions.append(f"{package} not installed")
     return (
-        f"Machine: {cpu}, {os.cpu_count()} cores, torch threads {args.threads}; {', '.join(versions)}; "
-        f"python {sys.version.split()[0]}; frostline {select_runtime().reason}\n"
+        f"Machine: {cpu} (flags: {', '.join(vector) or 'none of avx2/avx512/amx'}), {os.cpu_count()} cores, torch "
+        f"threads {args.threads}; {', '.join(versions)}; python {sys.version.split()[0]}; frostline's precision: "
+        f"timed per run (see each frostline run's precision_reason); the flags alone would say "
+        f"{select_runtime().precision}\n"
         f"Command: python {shlex.join(sys.argv)}"
     )
 
