@@ -85,3 +85,30 @@ def test_a_measurement_is_cached_per_machine_and_model_and_a_damaged_cache_is_me
     assert first.precision == again.precision == "bf16" and "measured now" in first.reason and "cached" in again.reason
     assert calls == [model, other]
     assert len(json.loads(cache.read_text())) == 2
+
+
+def test_a_busy_machine_uses_a_cached_timing_or_keeps_the_first_guess_without_timing(cache, monkeypatch):
+    monkeypatch.setattr(precision_module, "time_passes", lambda *a: pytest.fail("timed on a busy machine"))
+    model, batch = _model(), torch.randn(8, 16)
+    guess = Runtime(torch.device("cpu"), "fp32", "fp32: this CPU has no native bf16", True)
+
+    runtime, record = choose_precision(guess, model_forward(model), model, batch, measure=False)
+    assert runtime.precision == record["precision"] == "fp32"
+    assert "not timed: other work was using the CPU" in runtime.reason
+
+    key = machine_key(model, batch)
+    cache.write_text(
+        json.dumps(
+            {
+                key: {
+                    "fp32_seconds": 1.0,
+                    "bf16_seconds": 0.5,
+                    "steps": 3,
+                    "examples": 8,
+                    "measured_at": "2026-01-02T03:04:05+00:00",
+                }
+            }
+        )
+    )
+    runtime, _ = choose_precision(guess, model_forward(model), model, batch, measure=False)
+    assert runtime.precision == "bf16" and "cached" in runtime.reason

@@ -158,10 +158,17 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 
 def choose_precision(
-    runtime: Runtime, forward: Callable[[Any], torch.Tensor], model: nn.Module, batch: Any
+    runtime: Runtime,
+    forward: Callable[[Any], torch.Tensor],
+    model: nn.Module,
+    batch: Any,
+    announce: Callable[[str], None] | None = None,
+    measure: bool = True,
 ) -> tuple[Runtime, dict[str, Any]]:
     """The runtime with the precision that timing chose (from the cache when this machine measured this model
-    before), and the record of it for the run folder."""
+    before), and the record of it for the run folder; `announce` hears a line before a measurement starts. With
+    `measure` False (a busy machine, where timings mislead) only a cached timing decides; else the first guess
+    stays, saying so."""
     path = cache_file()
     key = machine_key(model, batch)
     entries = _read_cache(path)
@@ -170,7 +177,12 @@ def choose_precision(
         with contextlib.suppress(TypeError, ValueError):
             timing = Timing(**entries[key])
     cached = timing is not None
+    if timing is None and not measure:
+        reason = f"{runtime.reason} (not timed: other work was using the CPU, and timings would mislead)"
+        return Runtime(runtime.device, runtime.precision, reason), {"precision": runtime.precision, "reason": reason}
     if timing is None:
+        if announce is not None:
+            announce(f"timing fp32 and bf16 on this model (once for this machine and model; cached in {path})")
         timing = time_passes(forward, model, batch, runtime.device)
         entries[key] = asdict(timing)
         # a cache that cannot be written costs the next run a measurement, nothing more

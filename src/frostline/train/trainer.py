@@ -175,7 +175,7 @@ class Trainer:
 
     def _choose_precision(self, recorded: dict[str, Any] | None, timed: bool) -> None:
         """`precision: auto` on a CPU: the precision a resumed run started with, else what timing both on this model
-        and a batch of the data says (not on a busy machine, where timings mislead: the first guess stays)."""
+        and a batch of the data says (on a busy machine only a cached timing: fresh ones would mislead)."""
         if not self.runtime.measurable:
             return
         if recorded is not None and recorded.get("precision") in ("bf16", "fp32"):
@@ -183,16 +183,15 @@ class Trainer:
             self.runtime = Runtime(self.runtime.device, precision, f"{precision}, as chosen when the run started")
             self.runtime_record = recorded
             return
-        if not timed:
-            self.runtime_record = {
-                "precision": self.runtime.precision,
-                "reason": self.runtime.reason + " (not timed: other work was using the CPU)",
-            }
-            return
         size = min(8, self.config.data.batch_size)
         inputs, _ = next(iter(self.data.train_batches(size, seed=self.config.run.seed)))
         self.runtime, self.runtime_record = choose_precision(
-            self.runtime, model_forward(self.model), self.model, batch_to(inputs, self.runtime.device)
+            self.runtime,
+            model_forward(self.model),
+            self.model,
+            batch_to(inputs, self.runtime.device),
+            announce=self.reporter.note,
+            measure=timed,
         )
 
     def _write(self, name: str, text: str) -> None:
