@@ -264,7 +264,7 @@ class Recipe:
                 "the run stops there with the best weights"
             )
             diagnosis = dataclasses.replace(
-                diagnosis, message=f"{diagnosis.message} {note[0].upper()}{note[1:]}.", advice=[]
+                diagnosis, message=f"{diagnosis.message}\n{note[0].upper()}{note[1:]}.", advice=[]
             )
         elif overfit:
             level = f", {diagnosis.label}" if diagnosis.level else ""

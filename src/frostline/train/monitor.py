@@ -203,8 +203,11 @@ class OverfitMonitor:
             f"training data instead of generalising. It began at epoch {began}."
         )
         if continues:
+            ago = len(history) - 1 - best
+            when = "at this epoch" if ago == 0 else f"{ago} epoch{'s' if ago > 1 else ''} ago"
             headline += (
-                f" Validation {name} still sets new bests, so training goes on while it does (best weights kept)."
+                f" Validation {name} set its best {when}, so training goes on while it may set new ones (up to "
+                f"{self.patience} epochs without one; the best weights are kept)."
             )
         evidence = [
             f"validation {proof.name if proof.name == 'loss' else name} {proof.describe()}, z = {proof.z:+.1f}",
