@@ -47,7 +47,13 @@ from frostline.dataset import PreparedData, prepare_data  # noqa: E402
 from frostline.freeze import FreezeSpec  # noqa: E402
 from frostline.sources import open_model  # noqa: E402
 from frostline.sources.models import open_preprocess, open_tokenizer  # noqa: E402
-from frostline.train.runtime import Runtime, busy_cpu_seconds, seed_everything, select_runtime  # noqa: E402
+from frostline.train.runtime import (  # noqa: E402
+    Runtime,
+    busy_cpu_seconds,
+    cpu_info,
+    seed_everything,
+    select_runtime,
+)
 from frostline.train.trainer import SilentReporter, Trainer  # noqa: E402
 
 RUN_NAMES = {
@@ -795,10 +801,7 @@ def across_seeds(task: Task, by_seed: dict[int, dict[str, dict]]) -> list[str]:
 
 
 def machine(args: argparse.Namespace) -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
-    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    cpu, flags = cpu_info()
     # the flags that decide how fast bf16 and wide vectors run; "none of them" is as telling
     vector = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"})
     versions = []

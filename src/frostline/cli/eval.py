@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 
 from rich.table import Table
 
@@ -11,6 +10,7 @@ from frostline.batches import TensorBatches
 from frostline.cli.console import make_console
 from frostline.errors import ConfigError
 from frostline.runs import load_run
+from frostline.train.evidence import binomial_se
 from frostline.train.loop import evaluate, model_forward
 from frostline.train.runtime import select_runtime
 
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     )
     console.print(f"{args.run_dir} on {where}: {len(labels):,d} examples", highlight=False)
     n = len(result.correct)
-    se = 100 * math.sqrt(result.accuracy * (1 - result.accuracy) / max(n, 1))
+    se = 100 * binomial_se(result.accuracy, n)
     console.print(
         f"accuracy [bold]{100 * result.accuracy:.2f}%[/] ± {se:.2f} (one standard error, {n:,d} examples)  "
         f"loss {result.loss:.4f}",

@@ -24,7 +24,7 @@ from frostline.freeze import FreezePlan
 from frostline.guard import Finding
 from frostline.recipe import EpochRecord
 from frostline.report import plot_training, summary_table
-from frostline.train.evidence import count_of, standard_error, within_noise_of_best
+from frostline.train.evidence import binomial_se, count_of, within_noise_of_best
 from frostline.train.monitor import Diagnosis
 from frostline.train.trainer import FitResult, Trainer
 
@@ -192,10 +192,9 @@ def run(args: argparse.Namespace) -> int:
 def _uncertainty(result: FitResult) -> str:
     """' ± 0.61 (426 examples; epochs 2, 3 as good within noise)', as far as the record tells."""
     history, best = result.history, result.best_epoch - 1
-    se = standard_error(history[best], history)
-    if se is None:
-        return ""
     n = count_of(history[best], history)
+    if not n:
+        return ""
     tied = within_noise_of_best(history, best)
     if not tied:
         others = "every other epoch worse beyond noise"
@@ -203,7 +202,7 @@ def _uncertainty(result: FitResult) -> str:
         others = f"epoch{'s' if len(tied) > 1 else ''} {', '.join(map(str, tied))} as good within noise"
     else:
         others = f"{len(tied)} other epochs as good within noise"
-    return f" ± {100 * se:.2f} ({n:,d} examples; {others})"
+    return f" ± {100 * binomial_se(result.best_val_accuracy, n):.2f} ({n:,d} examples; {others})"
 
 
 def report(console: Console, result: FitResult) -> None:

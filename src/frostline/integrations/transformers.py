@@ -75,7 +75,10 @@ logger = logging.getLogger(__name__)
 def compute_accuracy(eval_pred: Any) -> dict[str, float]:
     """`compute_metrics` for the Trainer: the share of examples whose highest logit is the label, the number of
     examples and the spread of their losses (the monitor's measure of the validation set's noise)."""
-    examples = _examples(eval_pred)
+    return _metrics(_examples(eval_pred))
+
+
+def _metrics(examples: ValidationExamples) -> dict[str, float]:
     return {
         "accuracy": float(examples.correct.double().mean()),
         "examples": float(len(examples)),
@@ -247,7 +250,7 @@ class FrostlineCallback(TrainerCallback):
         """`compute_accuracy` that also hands the callback each validation example's loss and correctness, so the
         monitor compares epochs paired over the same examples: `Trainer(..., compute_metrics=callback.compute_metrics)`."""
         self._examples = _examples(eval_pred)
-        return compute_accuracy(eval_pred)
+        return _metrics(self._examples)
 
     # ---- checks -------------------------------------------------------------------------------
     def _check_args(self, args: TrainingArguments) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from frostline.lr_finder import LRFinderResult
 from frostline.recipe import EpochRecord
+from frostline.train.evidence import binomial_se
 
 
 def _pyplot():
@@ -73,7 +74,7 @@ def _noise_bands(ax_loss, ax_acc, history: list[EpochRecord]) -> None:
     n = known[-1].val_count
     xs = [r.epoch for r in known]
     accuracy = [100 * r.val_accuracy for r in known]
-    acc_se = [100 * math.sqrt(max(r.val_accuracy * (1 - r.val_accuracy), 0.0) / r.val_count) for r in known]
+    acc_se = [100 * binomial_se(r.val_accuracy, r.val_count) for r in known]
     ax_acc.fill_between(
         xs,
         [a - e for a, e in zip(accuracy, acc_se, strict=True)],

@@ -183,7 +183,7 @@ def metric_change(before: EpochRecord, after: EpochRecord, metric: str, noise: N
         se = math.sqrt(max(gained + lost - (gained - lost) ** 2 / n, 0.0)) / n
         return Change(name, x, y, before.epoch, after.epoch, se, n, "paired")
     if count:
-        se = math.sqrt((_bernoulli(x) + _bernoulli(y)) / count)
+        se = math.hypot(binomial_se(x, count), binomial_se(y, count))
         return Change(name, x, y, before.epoch, after.epoch, se, count, "unpaired")
     return Change(name, x, y, before.epoch, after.epoch, 0.0, None, "none")
 
@@ -204,9 +204,10 @@ def loss_resolution(record: EpochRecord, noise: Noise | None = None) -> float:
     return RELATIVE_LOSS_NOISE * record.val_loss
 
 
-def _bernoulli(p: float) -> float:
+def binomial_se(p: float, n: int) -> float:
+    """The standard error of an accuracy p measured on n examples: sqrt(p (1 - p) / n)."""
     p = min(max(p, 0.0), 1.0)
-    return p * (1 - p)
+    return math.sqrt(p * (1 - p) / max(n, 1))
 
 
 def examples_tensors(history: Sequence[EpochRecord]) -> dict[str, torch.Tensor]:
@@ -251,11 +252,3 @@ def within_noise_of_best(history: Sequence[EpochRecord], best: int, metric: str 
         for i, r in enumerate(history)
         if i != best and not metric_change(history[best], r, metric, noise).beyond_noise(-1)
     ]
-
-
-def standard_error(
-    record: EpochRecord, history: Sequence[EpochRecord] = (), metric: str = "val_accuracy"
-) -> float | None:
-    """One epoch's accuracy-like metric's standard error, sqrt(p(1 - p) / n), when the count is known."""
-    count = count_of(record, history, metric)
-    return math.sqrt(_bernoulli(getattr(record, metric)) / count) if count else None

@@ -132,40 +132,32 @@ class OverfitMonitor:
         proof = self._proof(history, since, best, noise)
         if proof is not None:
             return self._proved(history, best, proof, continues=waited < self.patience)
-        if (
-            waited < self.patience
-            or t - since + 1 < self.patience
-            or self._climbing(history, since, noise)
-            or self._loss_falling(history, since, noise)
-        ):
+        if waited < self.patience or t - since + 1 < self.patience or self._progress(history, since, noise):
             return Diagnosis("improving", best + 1, waited, gap=history[-1].val_loss - history[-1].train_loss)
         return self._stalled(history, since, best, noise)
 
-    def _loss_falling(self, history: Sequence[EpochRecord], since: int, noise: Noise) -> Change | None:
-        """The lowest validation loss of the last `patience` epochs, beyond noise below the stage's earlier low."""
-        window = len(history) - self.patience
+    def _progress(self, history: Sequence[EpochRecord], since: int, noise: Noise) -> Change | None:
+        """Progress beyond noise that a new best alone does not show, or None. The lowest validation loss of the
+        last `patience` epochs, below the stage's earlier low (a loss still falling is the finer signal on a small
+        validation set) or below the loss of `2 * patience` epochs ago; or the metric now above where it stood then
+        (a metric climbing in steps smaller than its noise sets no clear new best every `patience` epochs, yet shows
+        its climb over twice that)."""
+        t = len(history) - 1
+        window = t - self.patience + 1
         if window <= since:
             return None
-        earlier = min(range(since, window), key=lambda i: history[i].val_loss)
-        recent = min(range(window, len(history)), key=lambda i: history[i].val_loss)
-        change = loss_change(history[earlier], history[recent], noise)
-        return change if change.beyond_noise(-1) else None
-
-    def _climbing(self, history: Sequence[EpochRecord], since: int, noise: Noise) -> Change | None:
-        """Progress over a longer look-back than `patience`, for noisy validation sets: the metric now, or the
-        lowest validation loss of the last `patience` epochs, beyond noise better than `2 * patience` epochs ago in
-        the stage (a metric climbing in steps smaller than its noise sets no clear new best every `patience` epochs,
-        yet shows its climb over twice that)."""
-        t = len(history) - 1
+        recent = history[min(range(window, t + 1), key=lambda i: history[i].val_loss)]
         then = t - 2 * self.patience
-        if then < since:
-            return None
-        change = metric_change(history[then], history[-1], self.metric, noise)
-        if change.beyond_noise(+1) and change.delta > self.min_delta:
-            return change
-        recent = min(range(t - self.patience + 1, t + 1), key=lambda i: history[i].val_loss)
-        change = loss_change(history[then], history[recent], noise)
-        return change if change.beyond_noise(-1) else None
+        earlier = [min(range(since, window), key=lambda i: history[i].val_loss)] + ([then] if then >= since else [])
+        for before in earlier:
+            change = loss_change(history[before], recent, noise)
+            if change.beyond_noise(-1):
+                return change
+        if then >= since:
+            change = metric_change(history[then], history[-1], self.metric, noise)
+            if change.beyond_noise(+1) and change.delta > self.min_delta:
+                return change
+        return None
 
     def _proof(self, history: Sequence[EpochRecord], since: int, best: int, noise: Noise) -> Change | None:
         """Evidence that validation got worse beyond noise while the training loss fell: the validation loss above
@@ -270,7 +262,8 @@ class OverfitMonitor:
         # had validation improved in proportion to the training loss's fall, the validation set would have seen it
         # (the fall is larger than two of its standard errors, relative to the loss); or validation loss rose
         visible = fall > SIGNIFICANT * resolution
-        if self._fell(start, last) and (visible or rise.beyond_noise(+1)):
+        falling = self._fell(start, last)
+        if falling and (visible or rise.beyond_noise(+1)):
             began = max(improved, since - 1) + 2
             why = (
                 "by more than the validation set would have missed"
@@ -293,7 +286,7 @@ class OverfitMonitor:
                 level="onset",
                 evidence=evidence,
             )
-        if self._fell(start, last):
+        if falling:
             headline = (
                 f"converged: validation has not improved beyond noise in {waited} epochs. The training loss still fell "
                 f"{100 * fall:.0f}%, but had validation followed in proportion this validation set could not have shown "

@@ -15,7 +15,6 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from frostline.checkpoint import atomic_write_text
-from frostline.train.runtime import Runtime, eval_mode
+from frostline.train.runtime import Runtime, cpu_info, eval_mode
 
 SPEEDUP = 1.1
 """bf16 is kept only when a step runs at least this much faster than in fp32."""
@@ -78,15 +77,8 @@ def cache_file() -> Path:
 def machine_key(model: nn.Module, batch: Any) -> str:
     """What the timing depends on: the CPU and its bf16-related flags, torch and its threads, the model's shape and
     the batch's."""
-    cpu = platform.processor() or platform.machine()
-    flags = ""
-    with contextlib.suppress(OSError):
-        text = Path("/proc/cpuinfo").read_text()
-        names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-        flag_lines = [line for line in text.splitlines() if line.startswith("flags")]
-        present = set(flag_lines[0].split(":", 1)[1].split()) if flag_lines else set()
-        flags = ",".join(sorted(present & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}))
+    cpu, present = cpu_info()
+    flags = ",".join(sorted(present & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}))
     shapes = _shapes(batch)
     params = sum(p.numel() for p in model.parameters())
     text = f"{cpu}|{flags}|torch {torch.__version__}|{torch.get_num_threads()} threads|{type(model).__name__}|{params}|{shapes}"

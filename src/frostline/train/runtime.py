@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import platform
 import random
 import time
 from collections.abc import Iterator
@@ -36,12 +38,20 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
 
-def _cpu_has_native_bf16() -> bool:
+@functools.cache
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """This CPU's model name and feature flags, from /proc/cpuinfo (a generic name and no flags elsewhere)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return platform.processor() or platform.machine(), frozenset()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return name or platform.machine(), frozenset(flags)
+
+
+def _cpu_has_native_bf16() -> bool:
+    return bool(cpu_info()[1] & {"avx512_bf16", "amx_bf16"})
 
 
 def select_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
