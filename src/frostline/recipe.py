@@ -39,6 +39,7 @@ from frostline.inspect import ModelMap
 from frostline.optim import build_schedule, param_groups
 from frostline.train.evidence import ValidationExamples
 from frostline.train.monitor import Diagnosis, OverfitMonitor
+from frostline.train.stage_gate import gate
 
 
 @dataclass
@@ -248,16 +249,25 @@ class Recipe:
         that starts to memorise has learned what those features allow (a linear probe); the next stage changes
         the features themselves, which is what fine-tuning after a probe is for. It gets `patience` epochs to beat
         the best epoch, as any later stage does, and the best weights are kept either way.
+
+        A following stage with `when: needed` is judged when this stage ends (`train.stage_gate`): when it cannot
+        pay, the run ends here with the best weights, and the diagnosis says why.
         """
         history = list(history)
         diagnosis = self.monitor.diagnose(history, stage.since)
         best = self.monitor.best_index(history) == len(history) - 1
         stage_epoch = len(history) - stage.since
-        has_next = stage.index + 1 < len(self.stages)
+        following = self.stages[stage.index + 1] if stage.index + 1 < len(self.stages) else None
         stop = None
         overfit = diagnosis.verdict == "overfitting" and diagnosis.should_stop
-        if overfit and stage.plan.spec.mode == "head" and has_next:
-            following = self.stages[stage.index + 1]
+        end_stage = diagnosis.should_stop or stage_epoch >= stage.config.epochs
+        verdict = None
+        if end_stage and following is not None and following.when == "needed":
+            verdict = gate(history[stage.since :], following)
+        if verdict is not None and not verdict.run:
+            diagnosis = dataclasses.replace(diagnosis, message=f"{diagnosis.message}\n{verdict.reason}.", advice=[])
+            stop = verdict.summary
+        elif overfit and stage.plan.spec.mode == "head" and following:
             note = (
                 f"the head has learned what the frozen features allow; stage {following.name!r} ({following.freeze}) "
                 f"adapts them next and has {self.monitor.patience} epochs to beat epoch {diagnosis.best_epoch}, else "
@@ -272,8 +282,10 @@ class Recipe:
                 f"overfitting began at epoch {diagnosis.began_epoch} (stage {stage.config.name}{level}); "
                 f"stopped at epoch {history[-1].epoch}"
             )
-        end_stage = stop is not None or diagnosis.should_stop or stage_epoch >= stage.config.epochs
-        end_run = stop is not None or (end_stage and not has_next)
+        if verdict is not None and verdict.run and stop is None:
+            diagnosis = dataclasses.replace(diagnosis, message=f"{diagnosis.message}\n{verdict.reason}.")
+        end_stage = end_stage or stop is not None
+        end_run = stop is not None or (end_stage and following is None)
         history[-1].verdict, history[-1].best = diagnosis.verdict, best
         return Decision(diagnosis, best, end_stage, end_run, stop)
 

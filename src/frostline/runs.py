@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from frostline.checkpoint import load_weights
-from frostline.config import FitConfig
+from frostline.config import MAX_WINDOWS, FitConfig
 from frostline.dataset import image_settings, read_text, relabel, validation_subset
 from frostline.errors import ConfigError
 from frostline.run_folder import read_run_config, read_weights
@@ -29,6 +29,8 @@ class TrainedRun:
     tokenizer: Any
     labels: list[str]
     max_length: int
+    windows: int = 1
+    """Windows of `max_length` tokens each text is read in (data.windows)."""
     preprocess: dict[str, Any] = field(default_factory=dict)
     """The image model's input conventions (empty for text models)."""
     notes: list[str] = field(default_factory=list)
@@ -41,7 +43,7 @@ class TrainedRun:
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         from frostline.sources.data import encode_texts
 
-        return encode_texts(self.tokenizer, texts, self.max_length)
+        return encode_texts(self.tokenizer, texts, self.max_length, self.windows)
 
     def encode_images(self, paths: list[str]) -> torch.Tensor:
         """Image files as the run's validation batches saw them (size, crop, normalisation).
@@ -138,6 +140,9 @@ def _read_head(folder: Path) -> dict[str, Any]:
     max_length = head.get("max_length", 128) if isinstance(head, dict) else None
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
         problems.append(f"max_length must be a whole number >= 2, got {max_length!r}")
+    windows = head.get("windows", 1) if isinstance(head, dict) else None
+    if not isinstance(windows, int) or isinstance(windows, bool) or not 1 <= windows <= MAX_WINDOWS:
+        problems.append(f"windows must be a whole number from 1 to {MAX_WINDOWS}, got {windows!r}")
     if problems:
         raise ConfigError(f"{path} does not describe the run's head ({'; '.join(problems)}); restore it from the run")
     return head
@@ -172,6 +177,7 @@ def load_run(folder: str | Path, trust_code: bool = False) -> TrainedRun:
         source.tokenizer,
         head["labels"],
         head.get("max_length", config.data.max_length),
+        head.get("windows", 1),
         source.preprocess,
         notes=[note] if note else [],
     )

@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -321,7 +322,51 @@ def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple
     return np.sort(np.asarray(train)), np.sort(np.asarray(val))
 
 
-def encode_texts(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-    """Tokenize every text once, truncated and padded to `max_length`."""
+def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer puts before and after a single text (e.g. [CLS] and [SEP]), read off its own encoding."""
+    body = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    at = next((i for i in range(len(full) - len(body) + 1) if full[i : i + len(body)] == body), None)
+    if at is None:
+        raise ConfigError(
+            f"{type(tokenizer).__name__} changes a text's tokens when it adds its special tokens; "
+            "read it in one window (data.windows: 1)"
+        )
+    return full[:at], full[at + len(body) :]
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int, windows: int = 1) -> dict[str, torch.Tensor]:
+    """Tokenize every text once, truncated and padded to `max_length`.
+
+    With `windows` > 1, a text longer than one window continues in the next ones (each with the tokenizer's own
+    special tokens, e.g. [CLS] ... [SEP]): tensors of shape (texts, windows used, max_length), windows a text does
+    not reach left as padding (attention mask 0). When no text needs a second window the result is the usual
+    (texts, max_length), so short texts cost nothing more.
+    """
     encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    return {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+    first = {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+    if windows == 1:
+        return first
+    prefix, suffix = _special_tokens(tokenizer)
+    step = max_length - len(prefix) - len(suffix)
+    if step < 1:
+        raise ConfigError(f"data.max_length={max_length} leaves no room for text between the special tokens")
+    bodies = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=step * windows)["input_ids"]
+    used = max([1, *(math.ceil(len(body) / step) for body in bodies)])
+    if used == 1:
+        return first
+    rows = []
+    for body in bodies:
+        pieces = [body[i : i + step] for i in range(0, len(body), step)] or [[]]
+        rows.append([prefix + piece + suffix for piece in pieces])
+    shape = (len(texts), used, max_length)
+    ids = torch.full(shape, tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros(shape, dtype=torch.long)
+    for t, pieces in enumerate(rows):
+        for w, piece in enumerate(pieces):
+            ids[t, w, : len(piece)] = torch.tensor(piece, dtype=torch.long)
+            mask[t, w, : len(piece)] = 1
+    result = {"input_ids": ids, "attention_mask": mask}
+    if "token_type_ids" in first:
+        result["token_type_ids"] = torch.zeros(shape, dtype=torch.long)
+    return result

@@ -64,12 +64,49 @@ class SentenceClassifier(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The pooled sentence embedding the head reads."""
-        hidden = self.encoder(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state
-        pooled = pool(hidden, attention_mask, self.pooling)
+        """The pooled sentence embedding the head reads.
+
+        Inputs of shape (texts, windows, tokens) are texts read in several windows (`data.windows`): the encoder
+        reads each window that holds tokens, and the windows are pooled together as if they were one text (mean:
+        over all their tokens; max: over all their tokens; cls: the mean of the windows' first tokens).
+        """
+        if input_ids.dim() == 3:
+            pooled = self._pool_windows(input_ids, attention_mask, token_type_ids)
+        else:
+            hidden = self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+            pooled = pool(hidden, attention_mask, self.pooling)
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
+
+    def _pool_windows(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        texts, windows, tokens = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = attention_mask.reshape(texts * windows, tokens)
+        # only windows that hold tokens are encoded: a short text in a long-text batch costs one window
+        filled = mask.any(dim=1).nonzero().squeeze(1)
+        hidden = self.encoder(
+            input_ids=input_ids.reshape(texts * windows, tokens)[filled],
+            attention_mask=mask[filled],
+            token_type_ids=None if token_type_ids is None else token_type_ids.reshape(texts * windows, tokens)[filled],
+        ).last_hidden_state
+        owner = filled // windows
+        dim = hidden.shape[-1]
+        if self.pooling == "max":
+            states = hidden.masked_fill(mask[filled].unsqueeze(-1) == 0, torch.finfo(hidden.dtype).min).amax(dim=1)
+            out = torch.full((texts, dim), torch.finfo(hidden.dtype).min, dtype=hidden.dtype, device=hidden.device)
+            return out.scatter_reduce(0, owner.unsqueeze(1).expand(-1, dim), states, "amax")
+        if self.pooling == "cls":
+            states, weights = hidden[:, 0], torch.ones(len(filled), 1, dtype=hidden.dtype, device=hidden.device)
+        else:
+            token_mask = mask[filled].unsqueeze(-1).to(hidden.dtype)
+            states, weights = (hidden * token_mask).sum(dim=1), token_mask.sum(dim=1)
+        sums = torch.zeros(texts, dim, dtype=hidden.dtype, device=hidden.device).index_add(0, owner, states)
+        counts = torch.zeros(texts, 1, dtype=hidden.dtype, device=hidden.device).index_add(0, owner, weights)
+        return sums / counts.clamp(min=1e-9)
 
     def forward(
         self,

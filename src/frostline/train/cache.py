@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from frostline.batches import Batch, TensorBatches
+from frostline.batches import Batch, TensorBatches, trim_padding
 from frostline.freeze import FreezePlan, held_in_eval
 from frostline.inspect import ModelMap
 from frostline.train.runtime import Runtime
@@ -102,6 +102,25 @@ def _slices(inputs: Batch, size: int) -> list[Batch]:
     return [inputs[i : i + size] for i in range(0, n, size)]
 
 
+def _padded_like(captured: Features, batch: Batch) -> Features:
+    """Captured token states (shaped like the trimmed batch's attention mask) padded back to the batch's length,
+    so that every chunk of the cache has the same shape; pooled features are returned as they are."""
+    if not isinstance(captured, dict) or not isinstance(batch, dict) or "attention_mask" not in captured:
+        return captured
+    full, trimmed = batch["attention_mask"], captured["attention_mask"]
+    if full.shape == trimmed.shape:
+        return captured
+    padded = {}
+    for key, value in captured.items():
+        if value.shape[: trimmed.dim()] != trimmed.shape:
+            padded[key] = value
+            continue
+        out = value.new_zeros((*full.shape, *value.shape[trimmed.dim() :]))
+        out[(slice(None), *(slice(0, n) for n in trimmed.shape[1:]))] = value
+        padded[key] = out
+    return padded
+
+
 def _concat(parts: list[Features], dtype: torch.dtype) -> Features:
     def store(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype) if t.is_floating_point() else t
@@ -156,7 +175,8 @@ class FeatureCache:
                     if isinstance(chunk, dict)
                     else chunk.to(runtime.device)
                 )
-                captured = tail.capture(chunk)
+                # the frozen part runs on the batch without its shared padding; token states are padded back
+                captured = _padded_like(tail.capture(trim_padding(chunk)), chunk)
                 parts.append(
                     {k: v.cpu() for k, v in captured.items()} if isinstance(captured, dict) else captured.cpu()
                 )

@@ -130,6 +130,11 @@ def _bert_tail(model: nn.Module, encoder: nn.Module, boundary: str, finish: Call
     start = paths.index(boundary)
 
     def capture(batch: Batch) -> dict[str, torch.Tensor]:
+        if batch["input_ids"].dim() == 3:
+            raise ValueError(
+                f"the texts are read in several windows (data.windows), and token states at {boundary} are cached "
+                "per text only for one window"
+            )
         args, _ = _capture_input(model, layers[start], batch, stop=True)
         return {"hidden": args[0], "attention_mask": batch["attention_mask"]}
 

@@ -1,0 +1,59 @@
+"""Padding shared by a whole batch is cut before the model runs: the same results for less compute."""
+
+import torch
+
+from conftest import tiny_bert
+from frostline.batches import TensorBatches, trim_padding
+from frostline.sources.sentence import SentenceClassifier
+from frostline.train.cache import _padded_like
+
+
+def _batch(lengths, total=8):
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    ids = torch.randint(5, 100, mask.shape, generator=torch.Generator().manual_seed(0)) * mask
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+def test_positions_padded_in_every_example_are_cut_and_nothing_else():
+    batch = {**_batch([3, 5]), "other": torch.ones(2, 3)}
+    trimmed = trim_padding(batch)
+    assert trimmed["input_ids"].shape == (2, 5) and trimmed["attention_mask"].sum() == 8
+    assert torch.equal(trimmed["input_ids"], batch["input_ids"][:, :5]) and torch.equal(
+        trimmed["other"], batch["other"]
+    )
+    full = _batch([8, 2])
+    assert trim_padding(full) is full
+    assert trim_padding(torch.ones(2, 8)).shape == (2, 8)
+
+
+def test_windows_that_no_example_of_the_batch_reaches_are_cut():
+    mask = torch.zeros(2, 3, 6, dtype=torch.long)
+    mask[0, 0, :4] = 1
+    mask[1, 0, :6] = 1
+    mask[1, 1, :2] = 1
+    states = torch.randn(2, 3, 6, 4)
+    trimmed = trim_padding({"attention_mask": mask, "hidden": states})
+    assert trimmed["attention_mask"].shape == (2, 2, 6) and trimmed["hidden"].shape == (2, 2, 6, 4)
+
+
+def test_a_sentence_encoder_gives_the_same_logits_on_the_trimmed_batch():
+    bert, _ = tiny_bert(vocab_size=120)
+    model = SentenceClassifier(bert.bert, 3).eval()
+    batch = _batch([3, 5, 2], total=12)
+    with torch.no_grad():
+        full, short = model(**batch), model(**trim_padding(batch))
+    torch.testing.assert_close(full, short, atol=1e-5, rtol=1e-4)
+
+
+def test_batches_are_served_trimmed_and_cached_token_states_are_padded_back():
+    batch = _batch([3, 5, 2, 4])
+    served = [inputs["input_ids"].shape[1] for inputs, _ in TensorBatches(batch, torch.arange(4), 2)]
+    assert served == [5, 4]
+    trimmed = trim_padding(batch)
+    states = torch.randn(4, 5, 3)
+    restored = _padded_like({"hidden": states, "attention_mask": trimmed["attention_mask"]}, batch)
+    assert torch.equal(restored["attention_mask"], batch["attention_mask"])
+    assert restored["hidden"].shape == (4, 8, 3) and torch.equal(restored["hidden"][:, :5], states)
+    assert restored["hidden"][:, 5:].abs().sum() == 0
