@@ -63,9 +63,10 @@ RUN_NAMES = {
     "lightning": "Lightning BackboneFinetuning",
     "cache-off": "frostline cache=off",
     "full-ft": "frostline full FT",
+    "head": "frostline head stage",
 }
 # cache-off runs before the plain loop, which copies how many epochs of each stage it ran
-RUN_ORDER = ("default", "cache-off", "plain", "full-ft", "hf", "lightning")
+RUN_ORDER = ("default", "head", "cache-off", "plain", "full-ft", "hf", "lightning")
 NOT_INSTALLED = "not installed: pip install -e '.[bench]'"
 LIGHTNING_HEAD_LR = 1e-3
 """The rate of Lightning's BackboneFinetuning example; the callback starts the backbone at 0.1x it."""
@@ -547,6 +548,7 @@ RUNNERS = {
     "default": lambda task, data, args: run_frostline(task, data, args, default_stages(), "auto", args.windows),
     "cache-off": lambda task, data, args: run_frostline(task, data, args, default_stages(), "off"),
     "full-ft": lambda task, data, args: run_frostline(task, data, args, full_ft_stages(), "off"),
+    "head": lambda task, data, args: run_frostline(task, data, args, default_stages()[:1], "auto", args.windows),
     "plain": run_plain,
     "hf": run_hf,
     "lightning": run_lightning,
@@ -686,6 +688,7 @@ def notes(task: Task, results: dict[str, dict], threads: int) -> list[str]:
     """What each run did, in words, from the configs (nothing here is a measured figure)."""
     stages = default_stages()
     windows = results.get("default", {}).get("windows", 1)
+    head_windows = results.get("head", {}).get("windows", 1)
     plain = results.get("plain", {})
     copied = "as frostline cache=off ran" if plain.get("copied_epochs") else "the full recipe (cache=off did not run)"
     said = {
@@ -703,6 +706,8 @@ def notes(task: Task, results: dict[str, dict], threads: int) -> list[str]:
         f"{'+'.join(str(s.epochs) for s in stages)}; backbone = {task.model_ref} without {task.layout.head}",
         "cache-off": "the default recipe with run.cache=off",
         "full-ft": f"{describe_stages(full_ft_stages())}; run.cache=off",
+        "head": f"the default's first stage alone ({describe_stages(stages[:1])}); run.cache=auto"
+        + (f"; each text read in up to {results['head']['windows']} windows" if head_windows > 1 else ""),
     }
     lines = [
         f"- {RUN_NAMES[run]}: {said[run]}"
@@ -891,8 +896,8 @@ def parse_args() -> argparse.Namespace:
         "--windows",
         type=int,
         default=DataConfig.windows,
-        help="windows of --max-length tokens frostline's default run reads per text (data.windows; the other "
-        "runs read one)",
+        help="windows of --max-length tokens frostline's default and head runs read per text (data.windows; the "
+        "other runs read one)",
     )
     parser.add_argument("--image-size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
