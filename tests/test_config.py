@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from frostline.config import FitConfig, apply_overrides, config_from_dict, default_stages, load_config
@@ -149,3 +151,12 @@ def test_paths_are_stored_absolute_and_built_in_names_never_become_paths(tmp_pat
     assert (
         with_resolved_paths(apply_overrides(FitConfig(), ["model.ref=hf:bert"])).model.ref == f"hf:{tmp_path / 'bert'}"
     )
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")), ids=str)
+def test_every_example_config_loads(path):
+    config = load_config(path)
+    assert config.stages and config.model.ref
+    if path.name == "bbcnews-minilm.yaml":
+        # the embedded default, written out
+        assert config.stages == FitConfig().stages and config.data == FitConfig().data

@@ -57,3 +57,32 @@ def test_batches_are_served_trimmed_and_cached_token_states_are_padded_back():
     assert torch.equal(restored["attention_mask"], batch["attention_mask"])
     assert restored["hidden"].shape == (4, 8, 3) and torch.equal(restored["hidden"][:, :5], states)
     assert restored["hidden"][:, 5:].abs().sum() == 0
+
+
+def _sentence_batch(lengths, total=12):
+    batch = _batch(lengths, total)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def test_the_cache_pass_runs_texts_by_length_and_returns_features_in_the_datas_order():
+    from frostline.inspect import inspect_model
+    from frostline.train.cache import FeatureCache
+    from frostline.train.runtime import select_runtime
+    from frostline.train.tails import block_tail, head_tail
+
+    bert, _ = tiny_bert(vocab_size=120)
+    model = SentenceClassifier(bert.bert, 3).eval()
+    inputs = _sentence_batch([12, 2, 7, 3, 12, 1, 5])
+    model_map = inspect_model(model, {k: v[:2] for k, v in inputs.items()})
+    runtime = select_runtime("cpu", "fp32")
+    cache = FeatureCache(None, 64.0, torch.float32)
+    with torch.no_grad():
+        expected = torch.cat([model.embed(**{k: v[i : i + 1] for k, v in inputs.items()}) for i in range(7)])
+        pooled, _, _ = cache.get(head_tail(model, model_map), "head", inputs, runtime, batch_size=2)
+        torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-4)
+        # token states at a block: padded back to the data's length, in the data's order, and the tail's logits match
+        tail = block_tail(model, model_map, "encoder.encoder.layer.2")
+        states, _, _ = cache.get(tail, "block", inputs, runtime, batch_size=2)
+        assert states["hidden"].shape == (7, 12, 32) and torch.equal(states["attention_mask"], inputs["attention_mask"])
+        logits = torch.cat([b for b, _ in [(tail.forward(x), y) for x, y in TensorBatches(states, torch.zeros(7), 3)]])
+        torch.testing.assert_close(logits, model(**inputs), atol=1e-5, rtol=1e-4)

@@ -102,6 +102,18 @@ def _slices(inputs: Batch, size: int) -> list[Batch]:
     return [inputs[i : i + size] for i in range(0, n, size)]
 
 
+def _by_length(inputs: Batch) -> torch.Tensor | None:
+    """The examples' order by number of tokens (stable), for a token batch with an attention mask; else None."""
+    if not isinstance(inputs, dict) or "attention_mask" not in inputs or inputs["attention_mask"].dim() < 2:
+        return None
+    lengths = inputs["attention_mask"].ne(0).flatten(1).sum(1)
+    return torch.sort(lengths, stable=True).indices
+
+
+def _take(batch: Features, index: torch.Tensor) -> Features:
+    return {k: v[index] for k, v in batch.items()} if isinstance(batch, dict) else batch[index]
+
+
 def _padded_like(captured: Features, batch: Batch) -> Features:
     """Captured token states (shaped like the trimmed batch's attention mask) padded back to the batch's length,
     so that every chunk of the cache has the same shape; pooled features are returned as they are."""
@@ -165,7 +177,10 @@ class FeatureCache:
                 unreadable = f" ({path} could not be read as a feature cache: {type(err).__name__}; recomputed)"
         start = time.perf_counter()
         parts = []
-        chunks = _slices(inputs, batch_size)
+        # texts by length: each chunk then holds texts of about one length, and trimming its padding saves the most
+        # (the order of a cache pass changes no example's features); the features are put back in the data's order
+        order = _by_length(inputs)
+        chunks = _slices(inputs if order is None else _take(inputs, order), batch_size)
         with torch.inference_mode(), runtime.autocast():
             for i, chunk in enumerate(chunks):
                 if transform is not None:
@@ -183,6 +198,8 @@ class FeatureCache:
                 if progress is not None:
                     progress(i + 1, len(chunks), float("nan"))
         features = _concat(parts, self.dtype)
+        if order is not None:
+            features = _take(features, torch.argsort(order))
         seconds = time.perf_counter() - start
         if _nbytes(features) <= self.budget or path is None:
             self.memory[key] = features
