@@ -36,14 +36,14 @@ def test_a_stage_that_could_fix_fewer_examples_than_noise_hides_is_skipped_with_
     verdict = gate(_records(0.995), LAST)
     assert not verdict.run
     assert "fits 99.50% of its training examples" in verdict.reason
-    assert "about 2.0 of 400" in verdict.reason and f"net gain of {SMALLEST_SHOWN} examples" in verdict.reason
+    assert "about 2.0 of the 400" in verdict.reason and f"net gain of {SMALLEST_SHOWN} examples" in verdict.reason
     assert "when: always" in verdict.reason and "not ruled out" in verdict.reason
     assert verdict.summary.startswith("stage last1 skipped")
 
 
 def test_a_stage_runs_when_the_features_leave_training_error_the_validation_set_can_see():
     verdict = gate(_records(0.95), LAST)
-    assert verdict.run and "about 20.0 of 400" in verdict.reason
+    assert verdict.run and "about 20.0 of the 400" in verdict.reason
     # the same fit judged on a larger validation set: 0.5% of 2,000 examples is 10, enough to show
     assert gate(_records(0.995, count=2000), LAST).run
 

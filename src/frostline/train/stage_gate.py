@@ -1,7 +1,7 @@
 """Whether a later stage can pay: read off the stage before it, before any of its cost is spent.
 
 A stage that adapts blocks (`last:2` after the head) changes the features the head reads. What it can add by
-fitting better is bounded by what the head could not fit: the head's own training error. When that error is so
+fitting better is what the head could not fit, estimated by the head's own training error. When that error is so
 small that even fixing all of it would move fewer validation examples than a paired comparison needs to tell a
 gain from noise, no gain the stage makes by fitting could be shown on this validation set, and its epochs (the
 costly part of a run on a CPU) would be spent choosing weights by noise. A gain through features that generalise
@@ -48,9 +48,10 @@ def gate(records: Sequence[Any], following: Any) -> Gate:
     train_error = 1.0 - max(fitted)
     reachable = train_error * count
     evidence = (
-        f"the previous stage fits {100 * max(fitted):.2f}% of its training examples, so adapting the features can "
-        f"fix by fitting at most {100 * train_error:.2f}% of the validation examples (about {reachable:.1f} of "
-        f"{count:,d}); a paired comparison needs a net gain of {SMALLEST_SHOWN} examples to tell it from noise"
+        f"the previous stage fits {100 * max(fitted):.2f}% of its training examples; what adapting the features can "
+        f"fix by fitting better is what it leaves unfitted, {100 * train_error:.2f}%, about {reachable:.1f} of the "
+        f"{count:,d} validation examples; a paired comparison needs a net gain of {SMALLEST_SHOWN} examples to tell "
+        "it from noise"
     )
     if reachable >= SMALLEST_SHOWN:
         return Gate(True, f"{name} runs: {evidence}")
