@@ -59,34 +59,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         if args.only in (None, "text"):
             rows.append(("MiniLM, BBC News", "frostline fit", run([python, "-c", FIT, "-", f"{folder}/text"])))
-            rows.append(
-                ("MiniLM, BBC News", "HF Trainer + FrostlineCallback", run([python, "examples/hf_trainer_minilm.py"]))
-            )
+            rows.append(("MiniLM, BBC News", "HF Trainer + FrostlineCallback", run([python, "examples/hf_trainer_minilm.py"])))
         if args.only in (None, "vision"):
             size = [f"data.image_size={args.image_size}"]
             config = "examples/mnist-efficientnet.yaml"
             rows.append(
-                (
-                    f"EfficientNet-Lite0, MNIST-5k, {args.image_size} px",
-                    "frostline fit",
-                    run([python, "-c", FIT, config, f"{folder}/vision", *size]),
-                )
+                (f"EfficientNet-Lite0, MNIST-5k, {args.image_size} px", "frostline fit",
+                 run([python, "-c", FIT, config, f"{folder}/vision", *size]))
             )
             rows.append(
-                (
-                    f"EfficientNet-Lite0, MNIST-5k, {args.image_size} px",
-                    "Lightning + FrostlineRecipe",
-                    run([python, "examples/lightning_efficientnet_mnist.py", "--image-size", str(args.image_size)]),
-                )
+                (f"EfficientNet-Lite0, MNIST-5k, {args.image_size} px", "Lightning + FrostlineRecipe",
+                 run([python, "examples/lightning_efficientnet_mnist.py", "--image-size", str(args.image_size)]))
             )
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
     flags = "avx512_bf16" if "avx512_bf16" in Path("/proc/cpuinfo").read_text() else "no avx512_bf16"
     lines = [
         f"{cpu} ({flags}), {os.cpu_count()} cores; one process at a time, same split and recipe",

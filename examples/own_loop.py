@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
             )
             if decision.diagnosis.message:
                 print(decision.diagnosis.message)
+            if decision.note:  # a `when: needed` stage next: whether it runs, and why
+                print(decision.note)
             if decision.best:
                 best = model_tensors(model)
             if decision.end_stage:

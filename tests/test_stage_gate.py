@@ -78,13 +78,14 @@ def test_the_recipe_ends_the_run_at_the_stage_boundary_when_the_next_stage_canno
         "stage last1 skipped: what the stage before it leaves unfitted (0.00% of its training examples) is about 0.0 "
         f"of the 400 validation examples, fewer than the {SMALLEST_SHOWN} a gain needs to be told from noise"
     )
-    assert "stage 'last1' (last:1) skipped" in decision.diagnosis.message
+    assert decision.note.startswith("stage 'last1' (last:1) skipped: the previous stage fits 100.00%")
     # the same numbers with a stage that always runs: the run goes on to it
     always = _decide([HEAD, dataclasses.replace(LAST, when="always")], train_accuracy=1.0)
     assert always.end_stage and not always.end_run and always.stop_reason is None
     # and a stage the features need runs, with the evidence in the diagnosis
     needed = _decide([HEAD, LAST], train_accuracy=0.9)
-    assert not needed.end_run and "stage 'last1' (last:1) runs" in needed.diagnosis.message
+    assert not needed.end_run and needed.note.startswith("stage 'last1' (last:1) runs: the previous stage fits 90.00%")
+    assert always.note is None
 
 
 def test_the_default_recipe_judges_its_second_stage_and_bad_values_are_refused():
@@ -95,7 +96,7 @@ def test_the_default_recipe_judges_its_second_stage_and_bad_values_are_refused()
 
 def test_a_fit_that_needs_no_second_stage_ends_before_it_with_the_best_weights(tmp_path):
     from frostline.config import DataConfig, FitConfig, ModelConfig, RunConfig
-    from frostline.train.trainer import Trainer
+    from frostline.train.trainer import SilentReporter, Trainer
 
     stages = [
         # the whole net on digits: it fits its 1,200 training examples, so adapting blocks has nothing left to fix
@@ -108,8 +109,16 @@ def test_a_fit_that_needs_no_second_stage_ends_before_it_with_the_best_weights(t
         stages,
         RunConfig(output=str(tmp_path / "run"), patience=30, precision="fp32"),
     )
-    result = Trainer(config).fit()
+    notes = []
+
+    class Notes(SilentReporter):
+        def note(self, message):
+            notes.append(message)
+
+    result = Trainer(config, Notes()).fit()
     assert result.history[-1].train_accuracy > 0.995
+    # what was decided, with the evidence, is said when the stage before it ends
+    assert [n for n in notes if n.startswith("stage 'again' (last:1) skipped: the previous stage fits")]
     assert [r.stage for r in result.history] == ["all"] * 20
     assert result.stop_reason.startswith("stage again skipped: what the stage before it leaves unfitted")
     assert "again" not in result.stage_plans and (tmp_path / "run" / "best.safetensors").is_file()

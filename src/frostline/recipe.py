@@ -107,6 +107,8 @@ class Decision:
     """The whole run is over."""
     stop_reason: str | None = None
     """Why the run ended early, for people (None when it did not)."""
+    note: str | None = None
+    """What was decided about the next stage when this one ended (a `when: needed` stage: runs or skipped, why)."""
 
 
 @dataclass
@@ -251,7 +253,7 @@ class Recipe:
         the best epoch, as any later stage does, and the best weights are kept either way.
 
         A following stage with `when: needed` is judged when this stage ends (`train.stage_gate`): when it cannot
-        pay, the run ends here with the best weights, and the diagnosis says why.
+        pay, the run ends here with the best weights; either way `Decision.note` says what was decided and why.
         """
         history = list(history)
         diagnosis = self.monitor.diagnose(history, stage.since)
@@ -265,7 +267,7 @@ class Recipe:
         if end_stage and following is not None and following.when == "needed":
             verdict = gate(history[stage.since :], following)
         if verdict is not None and not verdict.run:
-            diagnosis = dataclasses.replace(diagnosis, message=f"{diagnosis.message}\n{verdict.reason}.", advice=[])
+            diagnosis = dataclasses.replace(diagnosis, advice=[])
             stop = verdict.summary
         elif overfit and stage.plan.spec.mode == "head" and following:
             note = (
@@ -282,12 +284,11 @@ class Recipe:
                 f"overfitting began at epoch {diagnosis.began_epoch} (stage {stage.config.name}{level}); "
                 f"stopped at epoch {history[-1].epoch}"
             )
-        if verdict is not None and verdict.run and stop is None:
-            diagnosis = dataclasses.replace(diagnosis, message=f"{diagnosis.message}\n{verdict.reason}.")
         end_stage = end_stage or stop is not None
         end_run = stop is not None or (end_stage and following is None)
         history[-1].verdict, history[-1].best = diagnosis.verdict, best
-        return Decision(diagnosis, best, end_stage, end_run, stop)
+        note = f"{verdict.reason}." if verdict is not None and (stop is None or not verdict.run) else None
+        return Decision(diagnosis, best, end_stage, end_run, stop, note)
 
     def finished(self, history: Sequence[EpochRecord]) -> str:
         """The stop reason of a run that went through every stage, with how each one ended."""

@@ -270,6 +270,8 @@ class FrostlineRecipe(Callback):
             return
         self.guard_reports[stage.config.name] = report = stage.finish()
         rank_zero_info(f"frostline: stage {stage.config.name!r} ended; {report.summary()}")
+        if decision.note:
+            rank_zero_info(f"frostline: {decision.note}")
         if decision.end_run:
             self.done = True
             self.stop_reason = decision.stop_reason or self.recipe.finished(self.history)

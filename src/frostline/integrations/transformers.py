@@ -374,6 +374,8 @@ class FrostlineCallback(TrainerCallback):
             stage.config.name,
             decision.diagnosis.message or decision.diagnosis.verdict,
         )
+        if decision.note:
+            logger.info("%s", decision.note)
         if decision.best:
             self.best_state = model_tensors(self._model)
         if decision.end_stage:

@@ -389,6 +389,8 @@ class Trainer:
                 next_position = {"stage": index + 1, "epoch": 0, "done": None}
             self._save(next_position, optimizer, schedule, batches.generator)
             self.reporter.epoch_end(record, decision.diagnosis)
+            if decision.note:
+                self.reporter.note(decision.note)
             if decision.end_stage:
                 break
         report = stage.finish()
