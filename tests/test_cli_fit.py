@@ -138,3 +138,44 @@ def test_the_best_accuracy_is_reported_with_its_standard_error_and_the_epochs_th
     text = _uncertainty(result)
 
     assert text == " ± 1.06 (400 examples; epochs 2, 4 as good within noise)"
+
+
+def test_a_run_that_reads_texts_in_windows_is_evaluated_the_way_it_was_trained(news_csv, tmp_path, capsys):
+    run = tmp_path / "windows"
+    settings = ["--set", "data.max_length=32", "--set", "data.windows=3", "--set", "stages.0.epochs=2"]
+    settings += ["--set", "stages.1.when=always", "--set", "stages.1.epochs=1"]
+    assert main(["fit", "--model", "hf:minilm", "--data", str(news_csv), "--output", str(run), *settings]) == 0
+    out = capsys.readouterr().out
+    # the head stage trains from cached pooled windows; the block stage says why it runs without the cache
+    assert "feature cache: on: inputs of the head classifier" in out
+    assert "feature cache: off: the texts are read in several windows" in out
+    assert json.loads((run / "head.json").read_text())["windows"] == 3
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    best = max(records, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
+    assert main(["eval", str(run)]) == 0
+    assert f"accuracy {100 * best['val_accuracy']:.2f}%" in capsys.readouterr().out
+
+
+def test_windows_on_a_model_that_cannot_read_them_is_refused(tmp_path, capsys):
+    from conftest import tiny_bert
+    from frostline.sources.text import open_tokenizer
+
+    model, _ = tiny_bert(num_labels=3, vocab_size=30522)
+    model.save_pretrained(tmp_path / "bert")
+    open_tokenizer("minilm").save_pretrained(tmp_path / "bert")
+    err = _fails(
+        capsys,
+        [
+            "fit",
+            "--model",
+            f"hf:{tmp_path / 'bert'}",
+            "--set",
+            "data.windows=2",
+            "--set",
+            "data.limit=60",
+            "--output",
+            str(tmp_path / "run"),
+        ],
+    )
+    assert "data.windows=2: only sentence encoders" in err and "set data.windows to 1" in err
+    assert not (tmp_path / "run").exists()
