@@ -79,3 +79,14 @@ def test_max_and_cls_pooling_over_windows(mode):
     per_window = pool(hidden, encoded["attention_mask"][0], mode)
     expected = per_window.amax(dim=0) if mode == "max" else per_window.mean(dim=0)
     torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_windows_on_image_data_are_refused_with_the_fix():
+    from frostline.config import DataConfig
+    from frostline.dataset import prepare_data
+    from frostline.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match="data.windows=2 reads long texts.*'mnist' is image data; set data.windows to 1"
+    ):
+        prepare_data(DataConfig(ref="mnist", windows=2), None, 0)

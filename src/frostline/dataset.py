@@ -93,6 +93,11 @@ def prepare_data(
     if config.ref.startswith("py:"):
         return _from_factory(config.ref)
     if is_image_ref(config.ref):
+        if config.windows > 1:
+            raise ConfigError(
+                f"data.windows={config.windows} reads long texts in several windows, and {config.ref!r} is image "
+                "data; set data.windows to 1"
+            )
         return _prepare_images(config, tokenizer, preprocess, seed, progress)
     if tokenizer is None:
         raise ConfigError(
