@@ -179,3 +179,7 @@ def test_windows_on_a_model_that_cannot_read_them_is_refused(tmp_path, capsys):
     )
     assert "data.windows=2: only sentence encoders" in err and "set data.windows to 1" in err
     assert not (tmp_path / "run").exists()
+    # lr-find reads the same config: the same refusal
+    model_ref = f"hf:{tmp_path / 'bert'}"
+    err = _fails(capsys, ["lr-find", "--model", model_ref, "--set", "data.windows=2", "--set", "data.limit=60"])
+    assert "data.windows=2: only sentence encoders" in err

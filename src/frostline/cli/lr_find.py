@@ -28,6 +28,7 @@ from frostline.recipe import Recipe
 from frostline.report import plot_lr_find
 from frostline.sources import open_model
 from frostline.sources.models import FORMS, open_preprocess, open_tokenizer
+from frostline.sources.sentence import check_windows
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
 """A positional argument ending in one of these is a config file; anything else is a model reference."""
@@ -247,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
     prepared = prepare_data(config.data, open_tokenizer(model_ref), seed, preprocess=open_preprocess(model_ref))
     torch.manual_seed(seed)
     source = open_model(model_ref, num_classes=len(prepared.label_names))
+    check_windows(source.model, config.data.windows, model_ref)
     console.print(
         f"lr-find: {source.ref} on {prepared.origin}: {len(prepared.train_labels):,d} training examples, "
         f"{len(prepared.label_names)} classes",

@@ -343,30 +343,32 @@ def encode_texts(tokenizer, texts: list[str], max_length: int, windows: int = 1)
     not reach left as padding (attention mask 0). When no text needs a second window the result is the usual
     (texts, max_length), so short texts cost nothing more.
     """
+    if windows > 1:
+        prefix, suffix = _special_tokens(tokenizer)
+        step = max_length - len(prefix) - len(suffix)
+        if step < 1:
+            raise ConfigError(f"data.max_length={max_length} leaves no room for text between the special tokens")
+        bodies = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=step * windows)["input_ids"]
+        used = max([1, *(math.ceil(len(body) / step) for body in bodies)])
+        if used > 1:
+            return _windows(tokenizer, bodies, prefix, suffix, step, (len(texts), used, max_length))
     encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    first = {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
-    if windows == 1:
-        return first
-    prefix, suffix = _special_tokens(tokenizer)
-    step = max_length - len(prefix) - len(suffix)
-    if step < 1:
-        raise ConfigError(f"data.max_length={max_length} leaves no room for text between the special tokens")
-    bodies = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=step * windows)["input_ids"]
-    used = max([1, *(math.ceil(len(body) / step) for body in bodies)])
-    if used == 1:
-        return first
-    rows = []
-    for body in bodies:
-        pieces = [body[i : i + step] for i in range(0, len(body), step)] or [[]]
-        rows.append([prefix + piece + suffix for piece in pieces])
-    shape = (len(texts), used, max_length)
+    return {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+
+
+def _windows(
+    tokenizer, bodies: list[list[int]], prefix: list[int], suffix: list[int], step: int, shape: tuple[int, int, int]
+) -> dict[str, torch.Tensor]:
+    """Token ids of shape (texts, windows, tokens): each text's body cut into pieces of `step`, each piece wrapped
+    in the tokenizer's special tokens; windows a text does not reach are padding."""
     ids = torch.full(shape, tokenizer.pad_token_id or 0, dtype=torch.long)
     mask = torch.zeros(shape, dtype=torch.long)
-    for t, pieces in enumerate(rows):
-        for w, piece in enumerate(pieces):
+    for t, body in enumerate(bodies):
+        for w, start in enumerate(range(0, max(len(body), 1), step)):
+            piece = prefix + body[start : start + step] + suffix
             ids[t, w, : len(piece)] = torch.tensor(piece, dtype=torch.long)
             mask[t, w, : len(piece)] = 1
     result = {"input_ids": ids, "attention_mask": mask}
-    if "token_type_ids" in first:
+    if "token_type_ids" in getattr(tokenizer, "model_input_names", ()):
         result["token_type_ids"] = torch.zeros(shape, dtype=torch.long)
     return result

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from frostline.errors import ConfigError
+
 Pooling = Literal["mean", "cls", "max"]
 
 
@@ -88,24 +90,24 @@ class SentenceClassifier(nn.Module):
         mask = attention_mask.reshape(texts * windows, tokens)
         # only windows that hold tokens are encoded: a short text in a long-text batch costs one window
         filled = mask.any(dim=1).nonzero().squeeze(1)
+        window_mask = mask[filled]
         hidden = self.encoder(
             input_ids=input_ids.reshape(texts * windows, tokens)[filled],
-            attention_mask=mask[filled],
+            attention_mask=window_mask,
             token_type_ids=None if token_type_ids is None else token_type_ids.reshape(texts * windows, tokens)[filled],
         ).last_hidden_state
         owner = filled // windows
-        dim = hidden.shape[-1]
+        # each window pooled as a text of its own; then the windows of a text pooled together
+        states = pool(hidden, window_mask, self.pooling)
+        texts_shape = (texts, states.shape[-1])
         if self.pooling == "max":
-            states = hidden.masked_fill(mask[filled].unsqueeze(-1) == 0, torch.finfo(hidden.dtype).min).amax(dim=1)
-            out = torch.full((texts, dim), torch.finfo(hidden.dtype).min, dtype=hidden.dtype, device=hidden.device)
-            return out.scatter_reduce(0, owner.unsqueeze(1).expand(-1, dim), states, "amax")
-        if self.pooling == "cls":
-            states, weights = hidden[:, 0], torch.ones(len(filled), 1, dtype=hidden.dtype, device=hidden.device)
-        else:
-            token_mask = mask[filled].unsqueeze(-1).to(hidden.dtype)
-            states, weights = (hidden * token_mask).sum(dim=1), token_mask.sum(dim=1)
-        sums = torch.zeros(texts, dim, dtype=hidden.dtype, device=hidden.device).index_add(0, owner, states)
-        counts = torch.zeros(texts, 1, dtype=hidden.dtype, device=hidden.device).index_add(0, owner, weights)
+            out = torch.full(texts_shape, torch.finfo(states.dtype).min, dtype=states.dtype, device=states.device)
+            return out.scatter_reduce(0, owner.unsqueeze(1).expand_as(states), states, "amax")
+        # mean: weighted by each window's tokens (as if one text); cls: the windows' first tokens, equally
+        counted = window_mask if self.pooling == "mean" else torch.ones_like(window_mask[:, :1])
+        weights = counted.sum(dim=1, keepdim=True).to(states.dtype)
+        sums = torch.zeros(texts_shape, dtype=states.dtype, device=states.device).index_add(0, owner, states * weights)
+        counts = torch.zeros(texts, 1, dtype=states.dtype, device=states.device).index_add(0, owner, weights)
         return sums / counts.clamp(min=1e-9)
 
     def forward(
@@ -115,3 +117,16 @@ class SentenceClassifier(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.classifier(self.embed(input_ids, attention_mask, token_type_ids))
+
+
+def check_windows(model: nn.Module, windows: int, ref: str) -> None:
+    """Refuse `data.windows` above 1 for a model that cannot read a text in several windows.
+
+    Raises:
+        ConfigError: naming the model and the fix.
+    """
+    if windows > 1 and not isinstance(model, SentenceClassifier):
+        raise ConfigError(
+            f"data.windows={windows}: only sentence encoders (a pooling over tokens, e.g. hf:minilm) read a text in "
+            f"several windows, and {ref} is a {type(model).__name__}; set data.windows to 1"
+        )

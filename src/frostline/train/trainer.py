@@ -37,7 +37,7 @@ from frostline.optim import adamw, group_rates
 from frostline.recipe import EpochRecord, Recipe, Stage, steps_per_epoch
 from frostline.sources import ModelSource, open_model
 from frostline.sources.models import open_preprocess, open_tokenizer
-from frostline.sources.sentence import SentenceClassifier
+from frostline.sources.sentence import check_windows
 from frostline.train.cache import FeatureCache, fingerprint, plan_cache
 from frostline.train.evidence import ValidationExamples, attach_examples, examples_tensors
 from frostline.train.loop import EpochResult, EvalResult, NonFiniteLoss, evaluate, model_forward, train_epoch
@@ -166,12 +166,7 @@ class Trainer:
         busy = None
         if self.runtime.device.type == "cpu":
             busy = contention_note(other_cpu_cores(since=load_start), torch.get_num_threads(), os.cpu_count() or 1)
-        if self.config.data.windows > 1 and not isinstance(self.source.model, SentenceClassifier):
-            raise ConfigError(
-                f"data.windows={self.config.data.windows}: only sentence encoders (a pooling over tokens, e.g. "
-                f"hf:minilm) read a text in several windows, and {self.config.model.ref} is a "
-                f"{type(self.source.model).__name__}; set data.windows to 1"
-            )
+        check_windows(self.source.model, self.config.data.windows, self.config.model.ref)
         self.model: nn.Module = self.source.model.to(self.runtime.device)
         self.model_map: ModelMap = inspect_model(self.model, batch_to(self.source.example_batch, self.runtime.device))
         self.recipe.check(self.model, self.model_map)
