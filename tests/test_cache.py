@@ -54,6 +54,8 @@ def test_sequential_head_and_last2_stages_match_with_the_cache_on_and_off():
     off, result_off = _fit("off")
 
     assert [r.cache for r in result_on.history] == ["inputs of the head 7"] * 2 + ["inputs of 2"] * 2
+    # one pass over the frozen part: the head's pass kept stage 2's inputs, so stage 2 spent nothing on its own
+    assert result_on.history[0].cache_seconds > 0 and result_on.history[2].cache_seconds == 0
     assert all(r.cache is None for r in result_off.history)
     # same seed, same batch order, same arithmetic on the trainable part: only float rounding may differ,
     # since the cached features were computed in batches of 64 instead of 32
@@ -63,6 +65,56 @@ def test_sequential_head_and_last2_stages_match_with_the_cache_on_and_off():
         assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
     for (name, p), q in zip(on.model.named_parameters(), off.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+class _Notes:
+    def __init__(self):
+        self.lines = []
+
+    def note(self, message):
+        self.lines.append(message)
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def _fit_noting(stages):
+    notes = _Notes()
+    config = FitConfig(data=DataConfig(batch_size=32), stages=stages, run=RunConfig(patience=5, precision="fp32"))
+    source = ModelSource("py:test", _sequential(), torch.zeros(2, 64), pretrained=True)
+    result = Trainer(config, notes, source=source, data=_digits()).fit(write=False)
+    return result, [line for line in notes.lines if line.startswith("feature cache")]
+
+
+def test_the_head_pass_keeps_the_next_stages_inputs_and_says_so():
+    result, notes = _fit_noting(STAGES)
+    assert notes[0].startswith("feature cache: on: inputs of the head 7, (")
+    assert notes[1].startswith("feature cache: the same pass kept inputs of 2 for stage 'last2', (")
+    assert notes[2].startswith("feature cache: on: inputs of 2, (")
+    assert "in memory (kept by the pass for inputs of the head 7)" in notes[2] and "made in" not in notes[2]
+
+
+def test_a_later_stage_whose_frozen_weights_move_before_it_makes_its_own_pass():
+    # stage 1 trains blocks that stage 2 freezes again: stage 2's frozen part is not the one stage 1 saw
+    stages = [
+        StageConfig(name="last2", freeze="last:2", epochs=1, lr=1e-3),
+        StageConfig(name="head", freeze="head", epochs=1, lr=1e-2),
+    ]
+    result, notes = _fit_noting(stages)
+    assert not any("the same pass kept" in line for line in notes)
+    assert [r.cache for r in result.history] == ["inputs of 2", "inputs of the head 7"]
+    assert all(r.cache_seconds > 0 for r in result.history)
+
+
+def test_a_block_pass_keeps_the_inputs_of_a_later_stage_that_starts_earlier():
+    # stage 1 (last:1) stops its pass at block 5; stage 2 (last:2) starts earlier, at block 2, on the way there
+    stages = [
+        StageConfig(name="last1", freeze="last:1", epochs=1, lr=1e-3),
+        StageConfig(name="last2", freeze="last:2", epochs=1, lr=1e-3),
+    ]
+    result, notes = _fit_noting(stages)
+    assert notes[1].startswith("feature cache: the same pass kept inputs of 2 for stage 'last2'")
+    assert result.history[1].cache_seconds == 0
 
 
 def test_bf16_storage_does_not_cost_accuracy():

@@ -66,7 +66,7 @@ def _sentence_batch(lengths, total=12):
 
 def test_the_cache_pass_runs_texts_by_length_and_returns_features_in_the_datas_order():
     from frostline.inspect import inspect_model
-    from frostline.train.cache import FeatureCache
+    from frostline.train.cache import Ahead, FeatureCache
     from frostline.train.runtime import select_runtime
     from frostline.train.tails import block_tail, head_tail
 
@@ -78,11 +78,24 @@ def test_the_cache_pass_runs_texts_by_length_and_returns_features_in_the_datas_o
     cache = FeatureCache(None, 64.0, torch.float32)
     with torch.no_grad():
         expected = torch.cat([model.embed(**{k: v[i : i + 1] for k, v in inputs.items()}) for i in range(7)])
-        pooled, _, _ = cache.get(head_tail(model, model_map), "head", inputs, runtime, batch_size=2)
+        pooled = cache.get(model, head_tail(model, model_map), "head", inputs, runtime, batch_size=2)[0].features
         torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-4)
         # token states at a block: padded back to the data's length, in the data's order, and the tail's logits match
         tail = block_tail(model, model_map, "encoder.encoder.layer.2")
-        states, _, _ = cache.get(tail, "block", inputs, runtime, batch_size=2)
+        states = cache.get(model, tail, "block", inputs, runtime, batch_size=2)[0].features
         assert states["hidden"].shape == (7, 12, 32) and torch.equal(states["attention_mask"], inputs["attention_mask"])
         logits = torch.cat([b for b, _ in [(tail.forward(x), y) for x, y in TensorBatches(states, torch.zeros(7), 3)]])
         torch.testing.assert_close(logits, model(**inputs), atol=1e-5, rtol=1e-4)
+        # the head's pass keeps the same token states for a later stage, in the same order and shape
+        fresh = FeatureCache(None, 64.0, torch.float32)
+        head, kept = fresh.get(
+            model, head_tail(model, model_map), "head", inputs, runtime, batch_size=2, ahead=[Ahead(tail, "block", "")]
+        )
+        torch.testing.assert_close(head.features, pooled)
+        assert kept[0][1].where == "memory" and fresh.has("block")
+        for name in ("hidden", "attention_mask"):
+            torch.testing.assert_close(kept[0][1].features[name], states[name], atol=1e-6, rtol=1e-5)
+        assert (
+            fresh.get(model, tail, "block", inputs, runtime, 2)[0].where
+            == "memory (kept by the pass for inputs of the head classifier)"
+        )

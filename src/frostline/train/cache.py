@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from frostline.batches import Batch, TensorBatches, trim_padding
-from frostline.freeze import FreezePlan, held_in_eval
+from frostline.freeze import FreezePlan
 from frostline.inspect import ModelMap
 from frostline.train.runtime import Runtime
-from frostline.train.tails import Features, Tail, block_tail, head_tail
+from frostline.train.tails import Features, Tail, block_tail, capture_together, head_tail
 
 
 def plan_cache(mode: str, model: nn.Module, model_map: ModelMap, plan: FreezePlan, augment: bool) -> Tail | str:
@@ -41,7 +41,8 @@ def plan_cache(mode: str, model: nn.Module, model_map: ModelMap, plan: FreezePla
         return "off: the part before the boundary is not entirely frozen"
     if plan.spec.bn == "train":
         return "off: BatchNorm in the frozen part updates its statistics (bn=train)"
-    held = held_in_eval(model)
+    # the plan's holds, not the model's: a plan not applied yet (a later stage's) is judged as it will run
+    held = plan.held_in_eval
     order = list(model_map.call_order)
     boundary = entries[first].path
     # where the boundary first runs: its own call, or the first module inside it (a ModuleList is never called)
@@ -61,12 +62,22 @@ def _stochastic(module: nn.Module) -> bool:
     return isinstance(module, (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm))
 
 
-def fingerprint(model: nn.Module, boundary: str, inputs: list[Batch], dtype: torch.dtype, transform: str = "") -> str:
-    """A key that changes with any frozen weight or buffer, the boundary, the data, its transform, or the dtype."""
+def fingerprint(
+    model: nn.Module,
+    boundary: str,
+    inputs: list[Batch],
+    dtype: torch.dtype,
+    transform: str = "",
+    trainable: frozenset[str] | None = None,
+) -> str:
+    """A key that changes with any frozen weight or buffer, the boundary, the data, its transform, or the dtype.
+
+    Frozen: the parameters not in `trainable` (a freeze plan's), by default those that do not require grad.
+    """
     digest = hashlib.blake2b(digest_size=12)
     digest.update(f"{type(model).__name__}|{boundary}|{dtype}|{transform}".encode())
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if (name not in trainable) if trainable is not None else not param.requires_grad:
             digest.update(name.encode())
             digest.update(param.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
     for name, buffer in model.named_buffers():
@@ -142,6 +153,25 @@ def _concat(parts: list[Features], dtype: torch.dtype) -> Features:
     return store(torch.cat(parts))
 
 
+@dataclass
+class Ahead:
+    """Features a later stage will need, kept from the pass made for an earlier one."""
+
+    tail: Tail
+    key: str
+    for_whom: str
+    """Who will read them, for people: "stage 'last2'"."""
+
+
+@dataclass
+class CacheEntry:
+    """Features for one key, with the seconds spent and where they are."""
+
+    features: Features
+    seconds: float
+    where: str
+
+
 class FeatureCache:
     """Cached frozen-part outputs, in memory within a budget, else memory-mapped files in `folder`."""
 
@@ -150,9 +180,45 @@ class FeatureCache:
         self.budget = memory_budget_mb * 2**20
         self.dtype = dtype
         self.memory: dict[str, Features] = {}
+        self.origin: dict[str, str] = {}
+        """How features in memory came there, when not by their own pass."""
+
+    def _path(self, key: str) -> Path | None:
+        return self.folder / "cache" / f"{key}.pt" if self.folder is not None else None
+
+    def _stored(self, key: str) -> tuple[Features | None, str]:
+        """Features under `key` from memory or disk (None when there are none), and where they came from."""
+        if key in self.memory:
+            return self.memory[key], "memory (" + self.origin.get(key, "reused") + ")"
+        path = self._path(key)
+        if path is not None and path.is_file():
+            try:
+                # weights_only: a cache file is data; a pickled object in its place is refused, never run
+                return torch.load(path, mmap=True, weights_only=True), f"{path} (reused)"
+            except Exception as err:  # torch raises several types for damaged or foreign files
+                return None, f" ({path} could not be read as a feature cache: {type(err).__name__}; recomputed)"
+        return None, ""
+
+    def has(self, key: str) -> bool:
+        return key in self.memory or (self._path(key) is not None and self._path(key).is_file())
+
+    def _keep(self, key: str, features: Features) -> tuple[Features, str]:
+        """Features kept in memory within the budget (or when there is no folder), else memory-mapped from a file."""
+        path = self._path(key)
+        if _nbytes(features) <= self.budget or path is None:
+            self.memory[key] = features
+            return features, "memory"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(features, tmp)
+        with tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+        return torch.load(path, mmap=True, weights_only=True), str(path)
 
     def get(
         self,
+        model: nn.Module,
         tail: Tail,
         key: str,
         inputs: Batch,
@@ -160,23 +226,23 @@ class FeatureCache:
         batch_size: int,
         progress: Callable[[int, int, float], None] | None = None,
         transform: Callable[[Batch, torch.Generator | None], Batch] | None = None,
-    ) -> tuple[Features, float, str]:
-        """Features for `inputs` under `key`: from memory, from disk, or computed now; with seconds spent and where.
+        ahead: list[Ahead] = (),
+    ) -> tuple[CacheEntry, list[tuple[Ahead, CacheEntry]]]:
+        """Features of `model` for `inputs` under `key`: from memory, from disk, or computed now.
 
-        `transform` (deterministic: the cache is only valid without augmentation) is applied to each chunk first.
+        A pass made now also keeps the features of `ahead` (later stages' tails) from the same forward pass, under
+        their keys, where their entry runs in it and they are not stored yet; those it kept come second, each with
+        its entry. `transform` (deterministic: the cache is only valid without augmentation) is applied to each chunk
+        first.
         """
-        if key in self.memory:
-            return self.memory[key], 0.0, "memory (reused)"
-        path = self.folder / "cache" / f"{key}.pt" if self.folder is not None else None
-        unreadable = ""
-        if path is not None and path.is_file():
-            try:
-                # weights_only: a cache file is data; a pickled object in its place is refused, never run
-                return torch.load(path, mmap=True, weights_only=True), 0.0, f"{path} (reused)"
-            except Exception as err:  # torch raises several types for damaged or foreign files
-                unreadable = f" ({path} could not be read as a feature cache: {type(err).__name__}; recomputed)"
+        stored, where = self._stored(key)
+        if stored is not None:
+            return CacheEntry(stored, 0.0, where), []
+        unreadable = where
+        ahead = [a for a in ahead if a.tail.entry is not None and not self.has(a.key)]
         start = time.perf_counter()
-        parts = []
+        parts: list[Features] = []
+        kept: list[list[Features] | None] = [[] for _ in ahead]
         # texts by length: each chunk then holds texts of about one length, and trimming its padding saves the most
         # (the order of a cache pass changes no example's features); the features are put back in the data's order
         order = _by_length(inputs)
@@ -191,23 +257,34 @@ class FeatureCache:
                     else chunk.to(runtime.device)
                 )
                 # the frozen part runs on the batch without its shared padding; token states are padded back
-                captured = _padded_like(tail.capture(trim_padding(chunk)), chunk)
-                parts.append(
-                    {k: v.cpu() for k, v in captured.items()} if isinstance(captured, dict) else captured.cpu()
-                )
+                trimmed = trim_padding(chunk)
+                wanted = [a.tail for a, parts_a in zip(ahead, kept, strict=True) if parts_a is not None]
+                captured, others = capture_together(model, tail, wanted, trimmed)
+                parts.append(_on_cpu(_padded_like(captured, chunk)))
+                others = iter(others)
+                for j, parts_a in enumerate(kept):
+                    if parts_a is None:
+                        continue
+                    other = next(others)
+                    # an entry the pass does not reach (after a block tail's boundary) is left to its own pass
+                    kept[j] = None if other is None else [*parts_a, _on_cpu(_padded_like(other, chunk))]
                 if progress is not None:
                     progress(i + 1, len(chunks), float("nan"))
-        features = _concat(parts, self.dtype)
-        if order is not None:
-            features = _take(features, torch.argsort(order))
         seconds = time.perf_counter() - start
-        if _nbytes(features) <= self.budget or path is None:
-            self.memory[key] = features
-            return features, seconds, "memory" + unreadable
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(features, tmp)
-        with tmp.open("rb") as handle:
-            os.fsync(handle.fileno())
-        tmp.replace(path)
-        return torch.load(path, mmap=True, weights_only=True), seconds, str(path) + unreadable
+        restore = torch.argsort(order) if order is not None else None
+        features, where = self._keep(key, _in_order(_concat(parts, self.dtype), restore))
+        entries = []
+        for a, parts_a in zip(ahead, kept, strict=True):
+            if parts_a:
+                features_a, where_a = self._keep(a.key, _in_order(_concat(parts_a, self.dtype), restore))
+                self.origin[a.key] = f"kept by the pass for {tail.describe}"
+                entries.append((a, CacheEntry(features_a, 0.0, where_a)))
+        return CacheEntry(features, seconds, where + unreadable), entries
+
+
+def _on_cpu(features: Features) -> Features:
+    return {k: v.cpu() for k, v in features.items()} if isinstance(features, dict) else features.cpu()
+
+
+def _in_order(features: Features, restore: torch.Tensor | None) -> Features:
+    return features if restore is None else _take(features, restore)

@@ -40,6 +40,11 @@ class Tail:
     """Logits from cached features."""
     modules: list[nn.Module]
     """The modules the tail runs (put in train or eval mode by the loop)."""
+    entry: nn.Module | None = None
+    """The module whose inputs the features are (None: only `capture` can make them)."""
+    from_inputs: Callable[[tuple, Batch], Features] | None = None
+    """The features, from the arguments `entry` receives when the model runs a batch: how a pass made for another
+    tail can keep this one's features too (`capture_together`)."""
 
 
 def _capture_input(model: nn.Module, module: nn.Module, batch: Batch, stop: bool) -> tuple[tuple, Any]:
@@ -72,16 +77,62 @@ def head_tail(model: nn.Module, model_map: ModelMap) -> Tail:
         # eval mode: a dropout inside the trainable head must not make the check below fail by chance
         with eval_mode(model):
             args, output = _capture_input(model, head, batch, stop=False)
-            logits = logits_of(head(args[0])) if len(args) == 1 and isinstance(args[0], torch.Tensor) else None
-        if len(args) != 1 or not isinstance(args[0], torch.Tensor):
-            raise ValueError("the head takes more than one tensor")
-        features = args[0]
+            features = _single_tensor(args)
+            logits = logits_of(head(features))
         # the head's output must be the model's output, or replaying the head alone would be wrong
         if not torch.allclose(logits.float(), logits_of(output).float(), atol=1e-5, rtol=1e-4):
             raise ValueError(f"the model changes the output of its head {model_map.head!r}")
         return features
 
-    return Tail(model_map.head, f"inputs of the head {model_map.head}", capture, lambda f: logits_of(head(f)), [head])
+    return Tail(
+        model_map.head,
+        f"inputs of the head {model_map.head}",
+        capture,
+        lambda f: logits_of(head(f)),
+        [head],
+        head,
+        lambda args, batch: _single_tensor(args),
+    )
+
+
+def _single_tensor(args: tuple) -> torch.Tensor:
+    if len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        raise ValueError("the head takes more than one tensor")
+    return args[0]
+
+
+def capture_together(
+    model: nn.Module, tail: Tail, others: list[Tail], batch: Batch
+) -> tuple[Features, list[Features | None]]:
+    """`tail`'s features for `batch` and, from the same forward pass, those of `others` (None for one whose entry
+    did not run exactly once before the pass ended, as a block tail's pass stops at its own boundary, or that cannot
+    cache this batch).
+
+    The pass runs with every module in eval mode. That gives `tail` what its own capture gives (the frozen part it
+    reads is held in eval mode), and `others` what their stages' passes would give, for a stage whose cache is valid
+    (`plan_cache`: its frozen part deterministic, held in eval mode) and whose frozen weights are the same then.
+    """
+    seen: list[list[tuple]] = [[] for _ in others]
+    handles = [
+        other.entry.register_forward_pre_hook(lambda module, args, calls=calls: calls.append(args))
+        for other, calls in zip(others, seen, strict=True)
+    ]
+    try:
+        with eval_mode(model):
+            features = tail.capture(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return features, [_kept(other, calls, batch) for other, calls in zip(others, seen, strict=True)]
+
+
+def _kept(tail: Tail, calls: list[tuple], batch: Batch) -> Features | None:
+    if len(calls) != 1:
+        return None
+    try:
+        return tail.from_inputs(calls[0], batch)
+    except ValueError:
+        return None  # features this tail cannot cache: its own stage's pass says why
 
 
 def block_tail(model: nn.Module, model_map: ModelMap, boundary: str) -> Tail | str:
@@ -129,14 +180,18 @@ def _bert_tail(model: nn.Module, encoder: nn.Module, boundary: str, finish: Call
         return f"{boundary} is not a layer of {type(encoder).__name__}"
     start = paths.index(boundary)
 
-    def capture(batch: Batch) -> dict[str, torch.Tensor]:
+    def from_inputs(args: tuple, batch: Batch) -> dict[str, torch.Tensor]:
         if batch["input_ids"].dim() == 3:
             raise ValueError(
                 f"the texts are read in several windows (data.windows), and token states at {boundary} are cached "
                 "per text only for one window"
             )
-        args, _ = _capture_input(model, layers[start], batch, stop=True)
         return {"hidden": args[0], "attention_mask": batch["attention_mask"]}
+
+    def capture(batch: Batch) -> dict[str, torch.Tensor]:
+        if batch["input_ids"].dim() == 3:
+            return from_inputs((), batch)  # raises: the reason before any work
+        return from_inputs(_capture_input(model, layers[start], batch, stop=True)[0], batch)
 
     def forward(features: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden, mask = features["hidden"], features["attention_mask"]
@@ -157,7 +212,15 @@ def _bert_tail(model: nn.Module, encoder: nn.Module, boundary: str, finish: Call
 
     after = [m for n, m in encoder.named_children() if n not in ("embeddings", "encoder")]
     modules = [*layers[start:], *after, *(m for m in model.children() if m is not encoder)]
-    return Tail(boundary, f"inputs of {boundary} (token states + attention mask)", capture, forward, modules)
+    return Tail(
+        boundary,
+        f"inputs of {boundary} (token states + attention mask)",
+        capture,
+        forward,
+        modules,
+        layers[start],
+        from_inputs,
+    )
 
 
 def _sequential_tail(model: nn.Sequential, boundary: str) -> Tail | str:
@@ -165,14 +228,23 @@ def _sequential_tail(model: nn.Sequential, boundary: str) -> Tail | str:
     if boundary not in names:
         return f"{boundary} is not a direct child of the nn.Sequential model"
     rest = model[names.index(boundary) :]
-    return Tail(boundary, f"inputs of {boundary}", _input_capture(model, rest[0]), lambda f: rest(f), [rest])
+    return _input_tail(model, rest[0], boundary, f"inputs of {boundary}", lambda f: rest(f), [rest])
 
 
-def _input_capture(model: nn.Module, module: nn.Module) -> Callable[[Batch], torch.Tensor]:
+def _input_tail(
+    model: nn.Module,
+    entry: nn.Module,
+    boundary: str,
+    describe: str,
+    forward: Callable[[Features], torch.Tensor],
+    modules: list[nn.Module],
+) -> Tail:
+    """A tail whose features are the first positional input of `entry`."""
+
     def capture(batch: Batch) -> torch.Tensor:
-        return _capture_input(model, module, batch, stop=True)[0][0]
+        return _capture_input(model, entry, batch, stop=True)[0][0]
 
-    return capture
+    return Tail(boundary, describe, capture, forward, modules, entry, lambda args, batch: args[0])
 
 
 def _efficientnet_lite_tail(model: nn.Module, boundary: str) -> Tail | str:
@@ -191,7 +263,7 @@ def _efficientnet_lite_tail(model: nn.Module, boundary: str) -> Tail | str:
         return model._fc(model._dropout(model._avg_pooling(x).flatten(1)))
 
     modules = [*blocks[start:], model._conv_head, model._bn1, model._dropout, model._fc]
-    return Tail(boundary, f"inputs of {boundary}", _input_capture(model, blocks[start]), forward, modules)
+    return _input_tail(model, blocks[start], boundary, f"inputs of {boundary}", forward, modules)
 
 
 def _resnet_tail(model: nn.Module, boundary: str) -> Tail | str:
@@ -214,7 +286,7 @@ def _resnet_tail(model: nn.Module, boundary: str) -> Tail | str:
         for n, m in model.named_children()
         if not n.startswith("layer") and n not in ("conv1", "bn1", "act1", "relu", "maxpool")
     ]
-    return Tail(boundary, f"inputs of {boundary}", _input_capture(model, rest[0]), forward, [*rest, *tail_modules])
+    return _input_tail(model, rest[0], boundary, f"inputs of {boundary}", forward, [*rest, *tail_modules])
 
 
 def _vit_tail(model: nn.Module, boundary: str) -> Tail | str:
@@ -230,10 +302,6 @@ def _vit_tail(model: nn.Module, boundary: str) -> Tail | str:
         return model.forward_head(model.norm(x))
 
     after = [m for n, m in model.named_children() if n in ("norm", "fc_norm", "head_drop", "head")]
-    return Tail(
-        boundary,
-        f"inputs of {boundary} (token states)",
-        _input_capture(model, blocks[start]),
-        forward,
-        [*blocks[start:], *after],
+    return _input_tail(
+        model, blocks[start], boundary, f"inputs of {boundary} (token states)", forward, [*blocks[start:], *after]
     )

@@ -30,7 +30,7 @@ from frostline.checkpoint import (
 from frostline.config import FitConfig, StageConfig, config_changes, with_resolved_paths
 from frostline.dataset import PreparedData, prepare_data
 from frostline.errors import ConfigError, FrostlineError
-from frostline.freeze import FreezePlan
+from frostline.freeze import FreezePlan, plan_freeze
 from frostline.guard import Finding
 from frostline.inspect import ModelMap, inspect_model
 from frostline.optim import adamw, group_rates
@@ -38,7 +38,7 @@ from frostline.recipe import EpochRecord, Recipe, Stage, steps_per_epoch
 from frostline.sources import ModelSource, open_model
 from frostline.sources.models import open_preprocess, open_tokenizer
 from frostline.sources.sentence import check_windows
-from frostline.train.cache import FeatureCache, fingerprint, plan_cache
+from frostline.train.cache import Ahead, FeatureCache, fingerprint, plan_cache
 from frostline.train.evidence import ValidationExamples, attach_examples, examples_tensors
 from frostline.train.loop import EpochResult, EvalResult, NonFiniteLoss, evaluate, model_forward, train_epoch
 from frostline.train.monitor import Diagnosis
@@ -52,6 +52,7 @@ from frostline.train.runtime import (
     seed_everything,
     select_runtime,
 )
+from frostline.train.tails import Tail
 
 
 class Reporter(Protocol):
@@ -339,7 +340,7 @@ class Trainer:
                 optimizer.load_state_dict(checkpoint["optimizer"])
                 schedule.load_state_dict(checkpoint["schedule"])
         self.reporter.stage_start(index, stage.config, stage.plan, findings)
-        forward, modules, batches, val_batches, cached = self._stage_inputs(stage.plan, batches)
+        forward, modules, batches, val_batches, cached = self._stage_inputs(index, stage.plan, batches)
         if checkpoint is not None:
             # at a stage boundary the new stage's batch order starts fresh, as in an uninterrupted run
             if first_epoch > 0:
@@ -395,11 +396,13 @@ class Trainer:
         return decision.diagnosis, decision.stop_reason
 
     def _stage_inputs(
-        self, plan: FreezePlan, batches: TensorBatches
+        self, index: int, plan: FreezePlan, batches: TensorBatches
     ) -> tuple[Any, list[nn.Module], TensorBatches, TensorBatches, dict[str, Any]]:
-        """The forward pass, modules and batches of a stage: from the feature cache when it is valid.
+        """The forward pass, modules and batches of stage `index`: from the feature cache when it is valid.
 
-        Cached batches are shuffled by a generator seeded like the plain ones, so both see the same order.
+        A pass made now also keeps what later stages will read from the cache (`_ahead`), so a recipe runs the
+        frozen part once. Cached batches are shuffled by a generator seeded like the plain ones, so both see the
+        same order.
         """
         val_batches = self.data.val_batches(self.config.data.eval_batch_size)
         plain = (model_forward(self.model), [self.model], batches, val_batches, {"what": None, "seconds": 0.0})
@@ -407,48 +410,52 @@ class Trainer:
         if isinstance(tail, str):
             self.reporter.note(f"feature cache: {tail}")
             return plain
-        key = fingerprint(
-            self.model,
-            tail.boundary,
-            [self.data.train_inputs, self.data.val_inputs],
-            self.cache_dtype,
-            f"{self.data.train_transform!r}|{self.data.val_transform!r}",
-        )
+        key = self._cache_key(tail, plan)
+        ahead = self._ahead(index, plan, key)
         # the training batch size: the frozen part then sees the same shapes as in an uncached epoch
         size = self.config.data.batch_size
+        splits = {}
         try:
-            self.reporter.progress_start(f"caching {tail.describe}", math.ceil(len(self.data.train_labels) / size))
-            train, train_seconds, where = self.cache.get(
-                tail,
-                f"{key}-train",
-                self.data.train_inputs,
-                self.runtime,
-                size,
-                self.reporter.step,
-                self.data.train_transform,
-            )
-            self.reporter.progress_start("caching validation", math.ceil(len(self.data.val_labels) / size))
-            val, val_seconds, _ = self.cache.get(
-                tail,
-                f"{key}-val",
-                self.data.val_inputs,
-                self.runtime,
-                size,
-                self.reporter.step,
-                self.data.val_transform,
-            )
+            for split, inputs, transform, labels in (
+                ("train", self.data.train_inputs, self.data.train_transform, self.data.train_labels),
+                ("val", self.data.val_inputs, self.data.val_transform, self.data.val_labels),
+            ):
+                label = f"caching {tail.describe}" if split == "train" else "caching validation"
+                self.reporter.progress_start(label, math.ceil(len(labels) / size))
+                splits[split] = self.cache.get(
+                    self.model,
+                    tail,
+                    f"{key}-{split}",
+                    inputs,
+                    self.runtime,
+                    size,
+                    self.reporter.step,
+                    transform,
+                    [Ahead(a.tail, f"{a.key}-{split}", a.for_whom) for a in ahead],
+                )
         except ValueError as err:
             self.reporter.note(f"feature cache: off: {err}")
             return plain
         finally:
             self.reporter.progress_start("", 0)
-        seconds = train_seconds + val_seconds
+        (train, train_kept), (val, val_kept) = splits["train"], splits["val"]
+        seconds = train.seconds + val.seconds
+        made = f", made in {seconds:.1f}s" if seconds > 0 else ""
         self.reporter.note(
-            f"feature cache: on: {tail.describe}, {_describe_size(train, val)} in {where}, made in {seconds:.1f}s; "
-            "epochs run only the trainable part"
+            f"feature cache: on: {tail.describe}, {_describe_size(train.features, val.features)} in {train.where}"
+            f"{made}; epochs run only the trainable part"
         )
-        seed = batches.seed
-        cached_batches = TensorBatches(train, self.data.train_labels, batches.batch_size, shuffle=True, seed=seed)
+        kept_val = {a.for_whom: entry for a, entry in val_kept}
+        for a, kept_train in train_kept:
+            if a.for_whom not in kept_val:
+                continue
+            self.reporter.note(
+                f"feature cache: the same pass kept {a.tail.describe} for {a.for_whom}, "
+                f"{_describe_size(kept_train.features, kept_val[a.for_whom].features)} in {kept_train.where}"
+            )
+        cached_batches = TensorBatches(
+            train.features, self.data.train_labels, batches.batch_size, shuffle=True, seed=batches.seed
+        )
 
         def forward(features: Any) -> torch.Tensor:
             return tail.forward(_as_float(features))
@@ -457,9 +464,41 @@ class Trainer:
             forward,
             tail.modules,
             cached_batches,
-            TensorBatches(val, self.data.val_labels, self.config.data.eval_batch_size),
+            TensorBatches(val.features, self.data.val_labels, self.config.data.eval_batch_size),
             {"what": tail.describe, "seconds": seconds},
         )
+
+    def _cache_key(self, tail: Tail, plan: FreezePlan) -> str:
+        """The cache key of `tail` under `plan` (applied or not: its frozen weights are those outside the plan's
+        trainable set, whatever the model's flags say now)."""
+        return fingerprint(
+            self.model,
+            tail.boundary,
+            [self.data.train_inputs, self.data.val_inputs],
+            self.cache_dtype,
+            f"{self.data.train_transform!r}|{self.data.val_transform!r}",
+            plan.trainable,
+        )
+
+    def _ahead(self, index: int, plan: FreezePlan, key: str) -> list[Ahead]:
+        """The cached features of later stages that stage `index`'s pass can keep: each such stage's cache is valid,
+        its boundary differs, and every weight it keeps frozen is frozen in each stage before it from this one on
+        (so the weights are the same when it starts, and its key, computed now, is the one it will look up)."""
+        ahead: list[Ahead] = []
+        trained = set(plan.trainable)
+        for later_index in range(index + 1, len(self.config.stages)):
+            later = self.config.stages[later_index]
+            later_plan = plan_freeze(self.model, later.freeze, self.model_map)
+            if not trained <= later_plan.trainable:
+                break
+            trained |= later_plan.trainable
+            tail = plan_cache(self.config.run.cache, self.model, self.model_map, later_plan, self.data.augment)
+            if isinstance(tail, str) or tail.entry is None:
+                continue
+            later_key = self._cache_key(tail, later_plan)
+            if later_key != key and all(a.key != later_key for a in ahead):
+                ahead.append(Ahead(tail, later_key, f"stage {later.name!r}"))
+        return ahead
 
     def _record(self, stage: Stage, epoch: int, result: EpochResult, evaluation: EvalResult, optimizer) -> EpochRecord:
         return stage.record(
