@@ -9,6 +9,7 @@ used; they live in memory under a budget, else memory-mapped from the run folder
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from collections.abc import Callable
@@ -106,13 +107,6 @@ def _nbytes(features: Features) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _slices(inputs: Batch, size: int) -> list[Batch]:
-    n = len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
-    if isinstance(inputs, dict):
-        return [{k: v[i : i + size] for k, v in inputs.items()} for i in range(0, n, size)]
-    return [inputs[i : i + size] for i in range(0, n, size)]
-
-
 def _by_length(inputs: Batch) -> torch.Tensor | None:
     """The examples' order by number of tokens (stable), for a token batch with an attention mask; else None."""
     if not isinstance(inputs, dict) or "attention_mask" not in inputs or inputs["attention_mask"].dim() < 2:
@@ -142,15 +136,6 @@ def _padded_like(captured: Features, batch: Batch) -> Features:
         out[(slice(None), *(slice(0, n) for n in trimmed.shape[1:]))] = value
         padded[key] = out
     return padded
-
-
-def _concat(parts: list[Features], dtype: torch.dtype) -> Features:
-    def store(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype) if t.is_floating_point() else t
-
-    if isinstance(parts[0], dict):
-        return {k: store(torch.cat([p[k] for p in parts])) for k in parts[0]}
-    return store(torch.cat(parts))
 
 
 @dataclass
@@ -241,14 +226,18 @@ class FeatureCache:
         unreadable = where
         ahead = [a for a in ahead if a.tail.entry is not None and not self.has(a.key)]
         start = time.perf_counter()
-        parts: list[Features] = []
-        kept: list[list[Features] | None] = [[] for _ in ahead]
+        n = _count(inputs)
+        made = _Placed(n, self.dtype)
+        kept: list[_Placed | None] = [_Placed(n, self.dtype) for _ in ahead]
         # texts by length: each chunk then holds texts of about one length, and trimming its padding saves the most
-        # (the order of a cache pass changes no example's features); the features are put back in the data's order
+        # (the order of a cache pass changes no example's features); each chunk's features go to their examples' places
         order = _by_length(inputs)
-        chunks = _slices(inputs if order is None else _take(inputs, order), batch_size)
+        if order is None:
+            order = torch.arange(n)
         with torch.inference_mode(), runtime.autocast():
-            for i, chunk in enumerate(chunks):
+            for i, begin in enumerate(range(0, n, batch_size)):
+                places = order[begin : begin + batch_size]
+                chunk = _take(inputs, places)
                 if transform is not None:
                     chunk = transform(chunk, None)
                 chunk = (
@@ -258,33 +247,53 @@ class FeatureCache:
                 )
                 # the frozen part runs on the batch without its shared padding; token states are padded back
                 trimmed = trim_padding(chunk)
-                wanted = [a.tail for a, parts_a in zip(ahead, kept, strict=True) if parts_a is not None]
+                wanted = [a.tail for a, placed in zip(ahead, kept, strict=True) if placed is not None]
                 captured, others = capture_together(model, tail, wanted, trimmed)
-                parts.append(_on_cpu(_padded_like(captured, chunk)))
+                made.put(places, _padded_like(captured, chunk))
                 others = iter(others)
-                for j, parts_a in enumerate(kept):
-                    if parts_a is None:
+                for j, placed in enumerate(kept):
+                    if placed is None:
                         continue
                     other = next(others)
                     # an entry the pass does not reach (after a block tail's boundary) is left to its own pass
-                    kept[j] = None if other is None else [*parts_a, _on_cpu(_padded_like(other, chunk))]
+                    if other is None:
+                        kept[j] = None
+                    else:
+                        placed.put(places, _padded_like(other, chunk))
                 if progress is not None:
-                    progress(i + 1, len(chunks), float("nan"))
+                    progress(i + 1, math.ceil(n / batch_size), float("nan"))
         seconds = time.perf_counter() - start
-        restore = torch.argsort(order) if order is not None else None
-        features, where = self._keep(key, _in_order(_concat(parts, self.dtype), restore))
+        features, where = self._keep(key, made.features)
         entries = []
-        for a, parts_a in zip(ahead, kept, strict=True):
-            if parts_a:
-                features_a, where_a = self._keep(a.key, _in_order(_concat(parts_a, self.dtype), restore))
+        for a, placed in zip(ahead, kept, strict=True):
+            if placed is not None and placed.features is not None:
+                features_a, where_a = self._keep(a.key, placed.features)
                 self.origin[a.key] = f"kept by the pass for {tail.describe}"
                 entries.append((a, CacheEntry(features_a, 0.0, where_a)))
         return CacheEntry(features, seconds, where + unreadable), entries
 
 
-def _on_cpu(features: Features) -> Features:
-    return {k: v.cpu() for k, v in features.items()} if isinstance(features, dict) else features.cpu()
+def _count(inputs: Batch) -> int:
+    return len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
 
 
-def _in_order(features: Features, restore: torch.Tensor | None) -> Features:
-    return features if restore is None else _take(features, restore)
+class _Placed:
+    """Features of `n` examples, written chunk by chunk into their examples' places: the pass holds one copy of
+    them, whatever order it runs the examples in."""
+
+    def __init__(self, n: int, dtype: torch.dtype):
+        self.n = n
+        self.dtype = dtype
+        self.features: Features | None = None
+
+    def put(self, places: torch.Tensor, chunk: Features) -> None:
+        def dtype(value: torch.Tensor) -> torch.dtype:
+            return self.dtype if value.is_floating_point() else value.dtype
+
+        values = chunk if isinstance(chunk, dict) else {None: chunk}
+        if self.features is None:
+            made = {k: torch.empty((self.n, *v.shape[1:]), dtype=dtype(v)) for k, v in values.items()}
+            self.features = made if isinstance(chunk, dict) else made[None]
+        target = self.features if isinstance(self.features, dict) else {None: self.features}
+        for k, v in values.items():
+            target[k][places] = v.to("cpu", dtype(v))
