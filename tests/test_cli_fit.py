@@ -61,6 +61,87 @@ def test_eval_reports_the_best_weights_accuracy(fitted_run, capsys):
     assert "business" in out and "recall" in out
 
 
+def test_eval_writes_per_class_figures_the_confusion_matrix_and_the_mistakes(fitted_run, news_csv, capsys, tmp_path):
+    from sklearn.metrics import f1_score
+
+    assert main(["eval", str(fitted_run), "--examples", "2"]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((fitted_run / "eval.json").read_text())
+    assert (fitted_run / "eval-confusion.png").read_bytes()[:4] == b"\x89PNG"
+    matrix = record["confusion"]
+    hits = sum(matrix[k][k] for k in range(len(matrix)))
+    assert record["examples"] == 26 and record["accuracy"] == pytest.approx(hits / 26)
+    # macro-F1 as scikit-learn computes it from the same (true, predicted) pairs
+    truth = [t for t, row in enumerate(matrix) for p, count in enumerate(row) for _ in range(count)]
+    predicted = [p for t, row in enumerate(matrix) for p, count in enumerate(row) for _ in range(count)]
+    assert record["macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro", zero_division=0))
+    assert f"macro-F1 {100 * record['macro_f1']:.2f}%" in out and "F1" in out
+    assert "confusion matrix (rows: true class, columns: predicted)" in out
+    # every mistake is listed with its text, most confident first
+    wrong = record["misclassified"]
+    assert len(wrong) == 26 - hits
+    assert all(item["true"] != item["predicted"] and item["example"] in news_csv.read_text() for item in wrong)
+    assert [item["probability"] for item in wrong] == sorted((item["probability"] for item in wrong), reverse=True)
+    if wrong:
+        assert f"misclassified ({min(2, len(wrong))} of {len(wrong)}" in out
+
+    assert main(["eval", str(fitted_run), "--data", str(news_csv), "--output", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "eval-news.json").read_text())["examples"] == len(load_bbc_news().texts[::16])
+    assert (tmp_path / "out" / "eval-news-confusion.png").is_file()
+
+
+def test_batch_prediction_of_a_file_gives_evals_accuracy(fitted_run, news_csv, tmp_path, capsys):
+    import csv
+
+    assert main(["eval", str(fitted_run), "--data", str(news_csv), "--output", str(tmp_path)]) == 0
+    evaluated = json.loads((tmp_path / "eval-news.json").read_text())
+    capsys.readouterr()
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", str(fitted_run), "--input", str(news_csv), "--output", str(out), "--batch-size", "16"]) == 0
+    assert f"wrote {evaluated['examples']} predictions to {out}" in capsys.readouterr().out
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    truth = [row["label"] for row in csv.DictReader(news_csv.open(encoding="utf-8"))]
+    assert len(rows) == len(truth) == evaluated["examples"]
+    labels = evaluated["labels"]
+    assert list(rows[0]) == ["text", "label", "probability", *(f"p_{name}" for name in labels)]
+    hits = sum(row["label"] == label for row, label in zip(rows, truth, strict=True))
+    assert hits / len(truth) == pytest.approx(evaluated["accuracy"])
+    for row in rows:
+        probabilities = [float(row[f"p_{name}"]) for name in labels]
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-4)
+        assert float(row["probability"]) == max(probabilities) == float(row[f"p_{row['label']}"])
+
+    # an existing output is never replaced without --overwrite; a JSONL file is read by its text column
+    before = out.read_bytes()
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("\n".join(json.dumps({"body": row["text"]}) for row in rows[:3]) + "\n")
+    assert main(["predict", str(fitted_run), "--input", str(texts), "--text-column", "body", "--output", str(out)]) == 1
+    assert "pass --overwrite" in capsys.readouterr().err and out.read_bytes() == before
+    args = ["predict", str(fitted_run), "--input", str(texts), "--text-column", "body", "--output", str(out)]
+    assert main([*args, "--overwrite"]) == 0
+    assert len(list(csv.DictReader(out.open(encoding="utf-8")))) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "give the texts or image files to label as arguments, or a file or folder with --input"),
+        (["--input", "{folder}"], "this run classifies texts; --input {folder} must be a .csv or .jsonl file"),
+        (["{image}"], "this run classifies texts; {image} is an image file"),
+        (["--input", "{folder}/missing.csv"], "{folder}/missing.csv does not exist"),
+        (["--input", "{folder}/texts.csv", "--text-column", "body"], "text_column='body' is not a column"),
+    ],
+)
+def test_batch_prediction_refuses_input_that_does_not_fit_the_run(fitted_run, tmp_path, capsys, args, message):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat.png")
+    (tmp_path / "texts.csv").write_text("text\nsome words\n")
+    fill = {"folder": str(tmp_path), "image": str(tmp_path / "cat.png")}
+    assert main(["predict", str(fitted_run), *(a.format(**fill) for a in args)]) == 1
+    assert message.format(**fill) in capsys.readouterr().err
+
+
 def test_predict_prints_labels_with_probabilities(fitted_run, capsys):
     assert main(["predict", str(fitted_run), "The striker scored twice in the cup final", "--json"]) == 0
     line = json.loads(capsys.readouterr().out.splitlines()[0])

@@ -64,6 +64,35 @@ def test_eval_on_another_folder_and_predict_image_files(fitted_run, pets, capsys
     assert sum(line["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
 
 
+def test_batch_prediction_of_an_image_folder_writes_a_row_per_image(fitted_run, pets, tmp_path, capsys):
+    import csv
+
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", str(fitted_run), "--input", str(pets), "--output", str(out), "--batch-size", "5"]) == 0
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert len(rows) == 24 and list(rows[0])[:3] == ["image", "label", "probability"]
+    assert {row["image"] for row in rows} == {str(p) for p in pets.rglob("*") if p.suffix in (".png", ".jpg")}
+    # the same labels as predicting the files one by one
+    capsys.readouterr()
+    assert main(["predict", str(fitted_run), rows[0]["image"], rows[-1]["image"], "--json"]) == 0
+    singles = [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines()]
+    assert singles == [rows[0]["label"], rows[-1]["label"]]
+
+    texts = tmp_path / "texts.csv"
+    texts.write_text("text\na photo of a fox\n")
+    assert main(["predict", str(fitted_run), "--input", str(texts)]) == 1
+    assert f"this run classifies images; --input {texts} must be a folder of images" in capsys.readouterr().err
+    assert main(["predict", str(fitted_run), "a photo of a fox"]) == 1
+    assert "this run classifies images; 'a photo of a fox' is not an image file" in capsys.readouterr().err
+
+
+def test_eval_lists_misclassified_images_by_file(fitted_run, pets, tmp_path):
+    assert main(["eval", str(fitted_run), "--data", str(pets), "--output", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "eval-pets.json").read_text())
+    assert record["examples"] == 24 and len(record["misclassified"]) == 24 - round(24 * record["accuracy"])
+    assert all((pets / item["example"]).is_file() for item in record["misclassified"])
+
+
 def test_predict_on_a_broken_image_exits_1_with_the_file_named(fitted_run, tmp_path, capsys):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"no image here")

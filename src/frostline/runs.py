@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,21 @@ from frostline.errors import ConfigError
 from frostline.run_folder import read_run_config, read_weights
 from frostline.sources import open_model
 from frostline.sources.images import is_image_ref, open_image_data
+
+
+@dataclass
+class LabelledSet:
+    """Examples to evaluate a run on, encoded as its model reads them."""
+
+    inputs: Any
+    labels: torch.Tensor
+    """Class indices in the run's label order."""
+    transform: Any
+    """The per-batch input transform (images), or None."""
+    where: str
+    """Where the examples came from, for people."""
+    describe: Callable[[int], str]
+    """Example i for people (its text, or where its image came from)."""
 
 
 @dataclass
@@ -62,17 +78,17 @@ class TrainedRun:
                 raise ConfigError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
         return transform(torch.stack(images))
 
-    def labelled(self, ref: str) -> tuple[Any, torch.Tensor, Any]:
-        """All examples of a data reference as (inputs, labels in the run's label order, per-batch transform).
+    def labelled(self, ref: str) -> LabelledSet:
+        """All examples of a data reference.
 
         Raises:
             ConfigError: the data has classes the trained model lacks, or cannot be read.
         """
         data, transform = self._read(ref)
-        return self._as_inputs(relabel(data, self.labels, ref, "the trained model"), transform)
+        return self._as_set(relabel(data, self.labels, ref, "the trained model"), transform, ref)
 
-    def validation(self) -> tuple[Any, torch.Tensor, Any, str]:
-        """The run's own validation examples, found again by the split it recorded, with a description.
+    def validation(self) -> LabelledSet:
+        """The run's own validation examples, found again by the split it recorded.
 
         Raises:
             ConfigError: the run recorded no split (written by an older frostline, or data from a py: factory), or
@@ -96,10 +112,7 @@ class TrainedRun:
                 raise ConfigError(f"{self.folder / 'data.json'} is damaged: val_indices is not a list of indices")
             data = validation_subset(full, config, record["fingerprint"], indices)
             where = f"{full.origin} validation split (the {len(indices):,d} examples the run held out)"
-        inputs, labels, transform = self._as_inputs(
-            relabel(data, self.labels, config.ref, "the trained model"), transform
-        )
-        return inputs, labels, transform, where
+        return self._as_set(relabel(data, self.labels, config.ref, "the trained model"), transform, where)
 
     def _read(self, ref: str) -> tuple[Any, Any]:
         data_config = self.config.data
@@ -108,10 +121,9 @@ class TrainedRun:
             return open_image_data(ref, size, crop_pct), transform
         return read_text(data_config)(ref), None
 
-    def _as_inputs(self, data: Any, transform: Any) -> tuple[Any, torch.Tensor, Any]:
-        labels = torch.tensor(data.labels)
+    def _as_set(self, data: Any, transform: Any, where: str) -> LabelledSet:
         inputs = data.images if transform is not None else self.encode(data.texts)
-        return inputs, labels, transform
+        return LabelledSet(inputs, torch.tensor(data.labels), transform, where, data.describe)
 
 
 def _read_json(path: Path, what: str) -> Any:

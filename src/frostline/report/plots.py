@@ -1,4 +1,4 @@
-"""Plots for people: the learning-rate range test and the training report of a run."""
+"""Plots for people: the learning-rate range test, the training report of a run, and a confusion matrix."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from frostline.lr_finder import LRFinderResult
+from frostline.metrics import Classification
 from frostline.recipe import EpochRecord
 from frostline.train.evidence import binomial_se
 
@@ -205,6 +206,53 @@ def plot_training(
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best" if ax is ax_loss else "upper right" if ax is ax_lr else "lower right", fontsize=8)
     fig.suptitle(f"{title}\n{stop_reason}" if title else stop_reason, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(result: Classification, path: str | Path, title: str = "") -> Path:
+    """The confusion matrix: each cell coloured by the share of its true class (row) and labelled with its count,
+    so a small class's mistakes show as clearly as a large one's; precision and recall per class on the margins."""
+    plt = _pyplot()
+    path = Path(path)
+    n = len(result.labels)
+    counts = result.confusion
+    shares = [[c / sum(row) if sum(row) else 0.0 for c in row] for row in counts]
+    side = min(max(4.5, 0.55 * n + 2.5), 24)
+    fig, ax = plt.subplots(figsize=(side + 1.2, side), dpi=120)
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    if n <= 30:
+        for t in range(n):
+            for p in range(n):
+                if counts[t][p]:
+                    dark = shares[t][p] > 0.55
+                    ax.text(
+                        p,
+                        t,
+                        f"{counts[t][p]:,d}",
+                        ha="center",
+                        va="center",
+                        fontsize=8 if n > 12 else 10,
+                        color="white" if dark else ("tab:red" if t != p else "black"),
+                    )
+    classes = result.classes
+    ax.set_xticks(
+        range(n),
+        [f"{c.name}\nP {100 * c.precision:.0f}%" for c in classes],
+        rotation=45 if n > 6 else 0,
+        ha="right" if n > 6 else "center",
+        fontsize=8,
+    )
+    ax.set_yticks(range(n), [f"{c.name} (R {100 * c.recall:.0f}%, n={c.support:,d})" for c in classes], fontsize=8)
+    ax.set_xlabel("predicted class (P: precision)")
+    ax.set_ylabel("true class (R: recall)")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    heading = (
+        f"accuracy {100 * result.accuracy:.2f}%, macro-F1 {100 * result.macro_f1:.2f}%, {result.examples:,d} examples"
+    )
+    ax.set_title(f"{title}\n{heading}" if title else heading, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

@@ -62,6 +62,10 @@ class TextData:
             notes=self.notes,
         )
 
+    def describe(self, index: int) -> str:
+        """Example `index` for people: its text."""
+        return self.texts[index]
+
 
 def open_text_data(
     ref: str,
@@ -229,6 +233,49 @@ def _lines(numbers: list[int]) -> str:
     return f"line{'s' if len(numbers) > 1 else ''} {shown}{', ...' if len(numbers) > 10 else ''}"
 
 
+def _rows(
+    path: Path, encoding: str, wanted: dict[str, str], line_fallback: str | None = None
+) -> list[tuple[int, dict]]:
+    """(line number, row) of a CSV or JSONL file that has the `wanted` columns ({option: column}).
+
+    Raises:
+        ConfigError: undecodable bytes, malformed lines, or a column missing (with the closest name).
+    """
+    text = _decode(path, encoding, line_fallback)
+    rows, columns = _csv_rows(path, text) if path.suffix.lower() == ".csv" else _jsonl_rows(path, text)
+    problems = []
+    for option, column in wanted.items():
+        if column not in columns:
+            close = difflib.get_close_matches(column, columns, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            problems.append(f"{option}={column!r} is not a column of {path}; {hint}the columns are {columns}")
+    if problems:
+        raise ConfigError(problems)
+    return rows
+
+
+def read_texts(path: Path, text_column: str = "text", encoding: str = "utf-8") -> list[tuple[int, str]]:
+    """(line number, text) of every row of a CSV or JSONL file of texts to label; other columns are ignored.
+
+    Raises:
+        ConfigError: the file is missing or not .csv / .jsonl, bytes do not decode, a line is malformed, the
+            column is missing, a row's text is blank (with its line numbers), or there are no rows.
+    """
+    if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
+        raise ConfigError(f"{path} is not a .csv or .jsonl file of texts")
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist")
+    rows = _rows(path, encoding, {"text_column": text_column})
+    blank = [n for n, r in rows if _blank(r.get(text_column))]
+    if blank:
+        raise ConfigError(
+            f"{path} has {len(blank):,d} row(s) with a blank {text_column} ({_lines(blank)}); fix or remove them"
+        )
+    if not rows:
+        raise ConfigError(f"{path} holds no rows")
+    return [(n, str(r[text_column])) for n, r in rows]
+
+
 def read_text_file(
     path: Path,
     text_column: str = "text",
@@ -246,16 +293,7 @@ def read_text_file(
     Raises:
         ConfigError: undecodable bytes, malformed lines, missing columns, bad rows, or data that cannot train.
     """
-    text = _decode(path, encoding, line_fallback)
-    rows, columns = _csv_rows(path, text) if path.suffix.lower() == ".csv" else _jsonl_rows(path, text)
-    problems = []
-    for option, column in (("text_column", text_column), ("label_column", label_column)):
-        if column not in columns:
-            close = difflib.get_close_matches(column, columns, n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-            problems.append(f"{option}={column!r} is not a column of {path}; {hint}the columns are {columns}")
-    if problems:
-        raise ConfigError(problems)
+    rows = _rows(path, encoding, {"text_column": text_column, "label_column": label_column}, line_fallback)
     blank_texts = [n for n, r in rows if _blank(r.get(text_column))]
     blank_labels = [
         n for n, r in rows if _blank(r.get(label_column)) or str(r.get(label_column)).strip().lower() in NAN_LIKE

