@@ -211,6 +211,12 @@ class RunConfig:
     """Storage dtype of cached features: fp32, or bf16 (half the memory)."""
     cache_memory_mb: float = 4096.0
     """Caches larger than this go to memory-mapped files in the run folder."""
+    class_weights: str = "none"
+    """none, or auto: the training loss weighs each class by the inverse of its share of the training examples
+    (N / (K n_k)), so a rare class counts as much as a common one. Validation loss stays unweighted."""
+    label_smoothing: float = 0.0
+    """Share of each training target spread evenly over all classes (0: none; 0.1 is common). Validation loss stays
+    plain cross-entropy."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -241,6 +247,10 @@ class RunConfig:
             problems.append(f"run.cache must be auto or off, got {self.cache!r}")
         if self.cache_dtype not in ("fp32", "bf16"):
             problems.append(f"run.cache_dtype must be fp32 or bf16, got {self.cache_dtype!r}")
+        if self.class_weights not in ("none", "auto"):
+            problems.append(f"run.class_weights must be none or auto, got {self.class_weights!r}")
+        if isinstance(self.label_smoothing, (int, float)) and not 0 <= self.label_smoothing < 1:
+            problems.append(f"run.label_smoothing is a share of each target in [0, 1), got {self.label_smoothing}")
         if isinstance(self.patience, int) and not 1 <= self.patience <= MAX_COUNT:
             problems.append(f"run.patience must be >= 1, got {self.patience}")
         if isinstance(self.clip_grad, (int, float)) and not (self.clip_grad > 0 and math.isfinite(self.clip_grad)):

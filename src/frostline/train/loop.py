@@ -65,8 +65,10 @@ def train_epoch(
     grad_accum: int = 1,
     clip_grad: float | None = None,
     on_step: StepHook | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> EpochResult:
-    """One pass over `batches`: forward, loss, backward, (every `grad_accum` batches) clip and step.
+    """One pass over `batches`: forward, loss (`loss_fn`, default cross-entropy), backward, (every `grad_accum`
+    batches) clip and step.
 
     Raises:
         NonFiniteLoss: the loss became NaN or infinite; no step was taken with it.
@@ -82,7 +84,7 @@ def train_epoch(
         inputs, labels = batch_to(inputs, runtime.device), labels.to(runtime.device)
         with runtime.autocast():
             logits = forward(inputs)
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = loss_fn(logits, labels) if loss_fn is not None else F.cross_entropy(logits.float(), labels)
         value = loss.item()
         if not math.isfinite(value):
             raise NonFiniteLoss(value, i + 1)

@@ -41,6 +41,7 @@ from frostline.sources.sentence import check_windows
 from frostline.train.cache import Ahead, FeatureCache, fingerprint, plan_cache
 from frostline.train.evidence import ValidationExamples, attach_examples, examples_tensors
 from frostline.train.loop import EpochResult, EvalResult, NonFiniteLoss, evaluate, model_forward, train_epoch
+from frostline.train.loss import training_loss
 from frostline.train.monitor import Diagnosis
 from frostline.train.precision import choose_precision
 from frostline.train.runtime import (
@@ -164,6 +165,14 @@ class Trainer:
         for note in self.source.notes + self.data.notes:
             self.reporter.note(note)
         self.reporter.note(self.data.describe())
+        self.loss_fn, loss_note = training_loss(
+            self.config.run.class_weights,
+            self.config.run.label_smoothing,
+            self.data.train_labels,
+            self.data.label_names,
+        )
+        if loss_note:
+            self.reporter.note(loss_note)
         busy = None
         if self.runtime.device.type == "cpu":
             busy = contention_note(other_cpu_cores(since=load_start), torch.get_num_threads(), os.cpu_count() or 1)
@@ -362,6 +371,7 @@ class Trainer:
                     self.config.run.grad_accum,
                     self.config.run.clip_grad,
                     self.reporter.step,
+                    self.loss_fn,
                 )
             except NonFiniteLoss as err:
                 raise FrostlineError(
