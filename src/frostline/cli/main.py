@@ -10,13 +10,14 @@ from rich.text import Text
 
 from frostline import __version__
 from frostline.cli import eval as eval_cmd
+from frostline.cli import export as export_cmd
 from frostline.cli import fit as fit_cmd
 from frostline.cli import inspect as inspect_cmd
 from frostline.cli import lr_find as lr_find_cmd
 from frostline.cli import predict as predict_cmd
 from frostline.errors import FrostlineError
 
-SUBCOMMANDS = [fit_cmd, eval_cmd, predict_cmd, inspect_cmd, lr_find_cmd]
+SUBCOMMANDS = [fit_cmd, eval_cmd, predict_cmd, export_cmd, inspect_cmd, lr_find_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,44 @@
+"""`frostline export RUN --format torchscript|onnx|hf --output DIR`: the best model as a folder that runs without
+frostline, checked by loading it back with its own runtime."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from frostline.cli.console import make_console
+from frostline.export import FORMATS, export, prepare_folder
+from frostline.runs import load_run
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write a run's best model as TorchScript, ONNX or a transformers folder",
+        description="Write a run's best model as a folder that runs without frostline (the model, its labels, the "
+        "tokenizer or image preprocessing), then load it back with its runtime and check its logits.",
+    )
+    parser.add_argument("run_dir", metavar="RUN", help="a run folder written by frostline fit")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="torchscript, onnx, or hf (transformers)")
+    parser.add_argument("--output", metavar="DIR", help="the folder to write (default: RUN/export-FORMAT)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output")
+    parser.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="import the py: references the run's config names (a run folder is data: never without this flag)",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    folder = Path(args.output) if args.output else Path(args.run_dir) / f"export-{args.format}"
+    prepare_folder(folder, args.overwrite)
+    console = make_console()
+    trained = load_run(args.run_dir, trust_code=args.trust_code)
+    for note in trained.notes:
+        console.print(f"[yellow]{note}[/]", highlight=False)
+    with console.status(f"exporting {args.run_dir} as {args.format}"):
+        done = export(trained, args.format, folder)
+    console.print(f"wrote {done.folder} ({', '.join(done.files)})", highlight=False, soft_wrap=True)
+    console.print(f"checked: {done.checked}", highlight=False, soft_wrap=True)
+    return 0
