@@ -94,3 +94,15 @@ def simple_model() -> SimpleModel:
 def tiny_cnn() -> tuple[TinyCNN, torch.Tensor]:
     torch.manual_seed(0)
     return TinyCNN(), torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def write_news_csv(folder, every: int, chars: int):
+    """Every `every`-th BBC News article, cut to `chars` characters, as folder/news.csv (text, label)."""
+    from frostline.sources.data import load_bbc_news
+
+    data = load_bbc_news()
+    rows = ["text,label"]
+    for text, label in list(zip(data.texts, data.labels, strict=True))[::every]:
+        rows.append('"{}",{}'.format(text[:chars].replace('"', "'"), data.label_names[label]))
+    (folder / "news.csv").write_text("\n".join(rows))
+    return folder / "news.csv"

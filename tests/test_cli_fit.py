@@ -4,19 +4,14 @@ import json
 
 import pytest
 
+from conftest import write_news_csv
 from frostline.cli.main import main
 from frostline.sources.data import load_bbc_news
 
 
 @pytest.fixture(scope="module")
 def news_csv(tmp_path_factory):
-    data = load_bbc_news()
-    folder = tmp_path_factory.mktemp("news")
-    rows = ["text,label"]
-    for text, label in list(zip(data.texts, data.labels, strict=True))[::16]:
-        rows.append('"{}",{}'.format(text[:400].replace('"', "'"), data.label_names[label]))
-    (folder / "news.csv").write_text("\n".join(rows))
-    return folder / "news.csv"
+    return write_news_csv(tmp_path_factory.mktemp("news"), every=16, chars=400)
 
 
 QUICK = [

@@ -7,11 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_bert
+from conftest import tiny_bert, write_news_csv
 from frostline.batches import logits_of
 from frostline.cli.main import main
 from frostline.runs import load_run
-from frostline.sources.data import load_bbc_news
 from test_images import _write_images
 
 pytestmark = pytest.mark.slow  # every test fits and exports a real pretrained model
@@ -25,13 +24,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def news_csv(tmp_path_factory):
-    data = load_bbc_news()
-    folder = tmp_path_factory.mktemp("news")
-    rows = ["text,label"]
-    for text, label in list(zip(data.texts, data.labels, strict=True))[::20]:
-        rows.append('"{}",{}'.format(text[:300].replace('"', "'"), data.label_names[label]))
-    (folder / "news.csv").write_text("\n".join(rows))
-    return folder / "news.csv"
+    return write_news_csv(tmp_path_factory.mktemp("news"), every=20, chars=300)
 
 
 def _fit(tmp_path_factory, model, data, *settings):
@@ -130,6 +123,7 @@ def test_hf_export_of_a_sentence_encoder_is_refused_with_the_formats_that_work(t
     assert main(["export", str(text_run), "--format", "hf", "--output", str(tmp_path / "hf")]) == 1
     err = capsys.readouterr().err
     assert "SentenceClassifier" in err and "use --format onnx or torchscript" in err
+    assert not (tmp_path / "hf").exists()  # a failed export leaves nothing that could pass for one
 
 
 def test_image_export_writes_down_preprocessing_that_reproduces_the_logits(image_run, pets, tmp_path):

@@ -18,9 +18,10 @@ from rich.table import Table
 from frostline.batches import TensorBatches
 from frostline.checkpoint import atomic_write_text
 from frostline.cli.console import make_console
+from frostline.cli.run_args import add_run_arguments, open_run
 from frostline.errors import ConfigError
 from frostline.metrics import Classification, classify
-from frostline.runs import LabelledSet, load_run
+from frostline.runs import LabelledSet
 from frostline.train.evidence import binomial_se
 from frostline.train.loop import EvalResult, evaluate, model_forward
 from frostline.train.runtime import select_runtime
@@ -33,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval", help="evaluate a run's best weights", description="Evaluate the best weights of a run."
     )
-    parser.add_argument("run_dir", metavar="RUN", help="a run folder written by frostline fit")
+    add_run_arguments(parser)
     parser.add_argument(
         "--data",
         help="a .csv / .jsonl file, an image folder or a built-in set to evaluate on (default: the run's own validation split)",
@@ -46,11 +47,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--output",
         metavar="DIR",
         help="where to write eval[-DATA].json and its confusion PNG (default: the run folder)",
-    )
-    parser.add_argument(
-        "--trust-code",
-        action="store_true",
-        help="import the py: references the run's config names (a run folder is data: never without this flag)",
     )
     parser.set_defaults(run=run)
 
@@ -67,9 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if not os.access(writable, os.W_OK):
         raise ConfigError(f"cannot write eval.json into {output} (no permission); name a folder with --output DIR")
     console = make_console()
-    trained = load_run(args.run_dir, trust_code=args.trust_code)
-    for note in trained.notes:
-        console.print(f"[yellow]{note}[/]", highlight=False)
+    trained = open_run(args, console)
     # evaluation runs wherever this machine can (the run may have trained on a GPU this one lacks)
     runtime = select_runtime("auto", trained.config.run.precision)
     examples = trained.labelled(args.data) if args.data else trained.validation()

@@ -19,8 +19,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from frostline.batches import batch_to, logits_of
 from frostline.cli.console import make_console
+from frostline.cli.run_args import add_run_arguments, open_run
 from frostline.errors import ConfigError
-from frostline.runs import TrainedRun, load_run
+from frostline.runs import TrainedRun
 from frostline.sources.data import read_texts
 from frostline.sources.images import IMAGE_SUFFIXES
 from frostline.train.runtime import select_runtime
@@ -33,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Label texts (text runs) or images (image runs) with a run's best weights: given as arguments, "
         "or a .csv / .jsonl file of texts or a folder of images with --input.",
     )
-    parser.add_argument("run_dir", metavar="RUN", help="a run folder written by frostline fit")
+    add_run_arguments(parser)
     parser.add_argument("texts", metavar="TEXT_OR_IMAGE", nargs="*", help="texts, or image files for an image run")
     parser.add_argument(
         "--input", metavar="FILE_OR_FOLDER", help="a .csv / .jsonl file of texts (text runs) or a folder of images"
@@ -48,19 +49,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="examples per batch (default 64)")
     parser.add_argument("--top", type=int, default=3, help="how many labels to show per example (default 3)")
     parser.add_argument("--json", action="store_true", help="print JSON lines")
-    parser.add_argument(
-        "--trust-code",
-        action="store_true",
-        help="import the py: references the run's config names (a run folder is data: never without this flag)",
-    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    trained = load_run(args.run_dir, trust_code=args.trust_code)
-    for note in trained.notes:
-        make_console(stderr=True).print(f"[yellow]{note}[/]", highlight=False)
+    trained = open_run(args, make_console(stderr=True))
     items = _items(args, trained)
     runtime = select_runtime("auto", trained.config.run.precision)
     model = trained.model.to(runtime.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -245,14 +246,14 @@ def plot_confusion(result: Classification, path: str | Path, title: str = "") ->
         ha="right" if n > 6 else "center",
         fontsize=8,
     )
-    ax.set_yticks(range(n), [f"{c.name} (R {100 * c.recall:.0f}%, n={c.support:,d})" for c in classes], fontsize=8)
+    ax.set_yticks(range(n), [f"{c.name}\nR {100 * c.recall:.0f}%, n={c.support:,d}" for c in classes], fontsize=8)
     ax.set_xlabel("predicted class (P: precision)")
     ax.set_ylabel("true class (R: recall)")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     heading = (
         f"accuracy {100 * result.accuracy:.2f}%, macro-F1 {100 * result.macro_f1:.2f}%, {result.examples:,d} examples"
     )
-    ax.set_title(f"{title}\n{heading}" if title else heading, fontsize=10)
+    ax.set_title("\n".join([*textwrap.wrap(title, 70), heading]) if title else heading, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
