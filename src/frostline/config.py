@@ -214,6 +214,9 @@ class RunConfig:
     class_weights: str = "none"
     """none, or auto: the training loss weighs each class by the inverse of its share of the training examples
     (N / (K n_k)), so a rare class counts as much as a common one. Validation loss stays unweighted."""
+    tensorboard: bool = True
+    """Also write each epoch's numbers as TensorBoard scalars to RUN/tensorboard when the tensorboard package is
+    installed (pip install 'frostline[tensorboard]')."""
     label_smoothing: float = 0.0
     """Share of each training target spread evenly over all classes (0: none; 0.1 is common). Validation loss stays
     plain cross-entropy."""

@@ -38,6 +38,7 @@ from frostline.recipe import EpochRecord, Recipe, Stage, steps_per_epoch
 from frostline.sources import ModelSource, open_model
 from frostline.sources.models import open_preprocess, open_tokenizer
 from frostline.sources.sentence import check_windows
+from frostline.train import tensorboard
 from frostline.train.cache import Ahead, FeatureCache, fingerprint, plan_cache
 from frostline.train.evidence import ValidationExamples, attach_examples, examples_tensors
 from frostline.train.loop import EpochResult, EvalResult, NonFiniteLoss, evaluate, model_forward, train_epoch
@@ -134,6 +135,7 @@ class Trainer:
         self.stage_plans: dict[str, dict[str, Any]] = {}
         self.cache_dtype = torch.bfloat16 if config.run.cache_dtype == "bf16" else torch.float32
         self.cache: FeatureCache | None = None
+        self.tensorboard: tensorboard.TensorBoardLog | None = None
         self.resized_stage: int | None = None
         """The stage in progress whose number of epochs was changed on resume, if any."""
 
@@ -252,12 +254,18 @@ class Trainer:
                     folder, f"stage {position['stage'] + 1}, epoch {position['epoch'] + 1}", changes
                 )
         self.run_dir = folder
+        if folder is not None and is_main_process() and self.config.run.tensorboard and tensorboard.available():
+            self.reporter.note(f"TensorBoard: each epoch's numbers in {folder / 'tensorboard'} (tensorboard --logdir)")
         try:
             return self._fit(checkpoint, position, start)
         except BaseException:
             if resume is None and folder is not None and is_main_process():
                 run_folder.clear_failed_start(folder)
             raise
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+                self.tensorboard = None
 
     def _fit(self, checkpoint: dict[str, Any] | None, position: dict[str, Any], start: float) -> FitResult:
         self.cache = FeatureCache(self.run_dir, self.config.run.cache_memory_mb, self.cache_dtype)
@@ -533,6 +541,11 @@ class Trainer:
         save_checkpoint(self.run_dir, self.model, optimizer, schedule, rng, state, examples_tensors(self.history))
         with (self.run_dir / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(self.history[-1].to_dict()) + "\n")
+        if self.config.run.tensorboard and tensorboard.available():
+            # opened at the first epoch written: a start that fails before it leaves no folder behind
+            if self.tensorboard is None:
+                self.tensorboard = tensorboard.TensorBoardLog(self.run_dir / "tensorboard")
+            self.tensorboard.epoch(self.history[-1])
 
     def _data_record(self) -> dict[str, Any]:
         """What lets `frostline eval` find this run's validation split again, and what reading the data did."""
@@ -577,7 +590,7 @@ class Trainer:
         )
 
 
-_MACHINE_SETTINGS = ("run.threads", "run.cache_memory_mb")
+_MACHINE_SETTINGS = ("run.threads", "run.cache_memory_mb", "run.tensorboard")
 
 
 def _safe_change(change: tuple[str, Any, Any], position: dict[str, Any]) -> bool:
