@@ -214,6 +214,9 @@ class RunConfig:
     class_weights: str = "none"
     """none, or auto: the training loss weighs each class by the inverse of its share of the training examples
     (N / (K n_k)), so a rare class counts as much as a common one. Validation loss stays unweighted."""
+    monitor: str = "accuracy"
+    """The validation metric the best epoch is chosen by and the monitor judges: accuracy, or macro_f1 (each class
+    counts equally: for imbalanced data, beside class_weights: auto)."""
     tensorboard: bool = True
     """Also write each epoch's numbers as TensorBoard scalars to RUN/tensorboard when the tensorboard package is
     installed (pip install 'frostline[tensorboard]')."""
@@ -250,6 +253,8 @@ class RunConfig:
             problems.append(f"run.cache must be auto or off, got {self.cache!r}")
         if self.cache_dtype not in ("fp32", "bf16"):
             problems.append(f"run.cache_dtype must be fp32 or bf16, got {self.cache_dtype!r}")
+        if self.monitor not in ("accuracy", "macro_f1"):
+            problems.append(f"run.monitor must be accuracy or macro_f1, got {self.monitor!r}")
         if self.class_weights not in ("none", "auto"):
             problems.append(f"run.class_weights must be none or auto, got {self.class_weights!r}")
         if isinstance(self.label_smoothing, (int, float)) and not 0 <= self.label_smoothing < 1:

@@ -123,3 +123,9 @@ def classify(labels: list[str], truth: torch.Tensor, predicted: torch.Tensor) ->
             raise ValueError(f"a {what} is outside the {n} classes")
     counts = torch.bincount(truth * n + predicted, minlength=n * n).reshape(n, n)
     return Classification(tuple(labels), tuple(tuple(int(c) for c in row) for row in counts.tolist()))
+
+
+def macro_f1(predicted: torch.Tensor, truth: torch.Tensor) -> float:
+    """Macro-F1 of class indices against the truth (the classes that occur in either)."""
+    classes = int(max(int(predicted.max()), int(truth.max()))) + 1 if len(truth) else 1
+    return classify([str(k) for k in range(classes)], truth, predicted).macro_f1

@@ -36,10 +36,14 @@ from frostline.errors import ConfigError, FreezeSpecError
 from frostline.freeze import FreezePlan, freeze, plan_freeze
 from frostline.guard import Finding, FreezeGuard, GuardReport, check_setup
 from frostline.inspect import ModelMap
+from frostline.metrics import macro_f1
 from frostline.optim import build_schedule, param_groups
 from frostline.train.evidence import ValidationExamples
 from frostline.train.monitor import Diagnosis, OverfitMonitor
 from frostline.train.stage_gate import gate
+
+MONITORED = {"accuracy": "val_accuracy", "macro_f1": "val_macro_f1"}
+"""The metrics a recipe can choose its best epoch by (`run.monitor`), with the record field each reads."""
 
 
 @dataclass
@@ -58,6 +62,8 @@ class EpochRecord:
     val_loss: float
     val_accuracy: float
     train_accuracy: float | None = None
+    val_macro_f1: float | None = None
+    """Macro-F1 on validation, where each example's predicted class and label were recorded."""
     lr: dict[str, float] = field(default_factory=dict)
     """Each group's rate at the epoch's end."""
     lr_trace: dict[str, list[float]] = field(default_factory=dict)
@@ -155,6 +161,8 @@ class Stage:
         validation set's noise; `more` sets any other field (train_accuracy, lr, train_seconds, val_count, ...)."""
         if examples is not None:
             more = {"val_count": len(examples), "val_loss_sd": round(examples.loss_sd, 6)} | more
+            if examples.classes:
+                more = {"val_macro_f1": macro_f1(examples.predicted, examples.labels)} | more
         return EpochRecord(
             epoch=len(history) + 1,
             stage=self.config.name,
@@ -190,11 +198,16 @@ class Recipe:
         patience: int = 2,
         min_delta: float = 0.0,
         augmented: bool = False,
+        monitor: str = "accuracy",
     ):
         if not stages:
             raise ConfigError("a recipe needs at least one stage")
+        if monitor not in MONITORED:
+            raise ConfigError(f"the monitored metric must be {' or '.join(MONITORED)}, got {monitor!r}")
         self.stages = list(stages)
-        self.monitor = OverfitMonitor(patience=patience, min_delta=min_delta, augmented=augmented)
+        self.monitor = OverfitMonitor(
+            patience=patience, min_delta=min_delta, augmented=augmented, metric=MONITORED[monitor]
+        )
 
     @classmethod
     def from_config(cls, config: FitConfig) -> Recipe:
@@ -204,6 +217,7 @@ class Recipe:
             patience=config.run.patience,
             min_delta=config.run.min_delta,
             augmented=config.data.augment != "none",
+            monitor=config.run.monitor,
         )
 
     @property
@@ -256,6 +270,12 @@ class Recipe:
         pay, the run ends here with the best weights; either way `Decision.note` says what was decided and why.
         """
         history = list(history)
+        if any(getattr(r, self.monitor.metric) is None for r in history):
+            raise ValueError(
+                f"the monitored metric is {self.monitor.metric.removeprefix('val_')}, and an epoch's record lacks it: "
+                "record each validation example's predicted class and label "
+                "(Stage.record(..., examples=examples_from_logits(logits, labels)))"
+            )
         diagnosis = self.monitor.diagnose(history, stage.since)
         best = self.monitor.best_index(history) == len(history) - 1
         stage_epoch = len(history) - stage.since

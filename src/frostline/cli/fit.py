@@ -213,7 +213,8 @@ def report(console: Console, result: FitResult) -> None:
         console.print(
             f"best weights: epoch {result.best_epoch} (stage {result.best_stage}), validation accuracy "
             f"[bold]{100 * result.best_val_accuracy:.2f}%[/]{_uncertainty(result)}, validation loss "
-            f"{result.best_val_loss:.4f}",
+            f"{result.best_val_loss:.4f}"
+            + (f", macro-F1 {100 * best.val_macro_f1:.2f}%" if best.val_macro_f1 is not None else ""),
             highlight=False,
         )
     console.print(f"stopped: {result.stop_reason}", highlight=False)

@@ -34,6 +34,10 @@ class ValidationExamples:
     """float32, one per example."""
     correct: torch.Tensor
     """bool, one per example."""
+    predicted: torch.Tensor | None = None
+    """The predicted class of each example (what per-class metrics such as macro-F1 need)."""
+    labels: torch.Tensor | None = None
+    """The true class of each example."""
 
     def __post_init__(self) -> None:
         if self.losses.shape != self.correct.shape or self.losses.dim() != 1:
@@ -41,6 +45,18 @@ class ValidationExamples:
                 f"per-example losses {tuple(self.losses.shape)} and correctness {tuple(self.correct.shape)} must be "
                 "two vectors of the same length"
             )
+        if (self.predicted is None) != (self.labels is None):
+            raise ValueError("predicted classes and true labels come together, or neither")
+        if self.predicted is not None and not (self.predicted.shape == self.labels.shape == self.losses.shape):
+            raise ValueError(
+                f"predicted classes {tuple(self.predicted.shape)} and labels {tuple(self.labels.shape)} must have "
+                f"one entry per example ({len(self.losses)})"
+            )
+
+    @property
+    def classes(self) -> bool:
+        """Whether each example's predicted and true class are recorded."""
+        return self.predicted is not None
 
     def __len__(self) -> int:
         return len(self.losses)
@@ -182,10 +198,46 @@ def metric_change(before: EpochRecord, after: EpochRecord, metric: str, noise: N
         lost = int((a.correct & ~b.correct).sum())
         se = math.sqrt(max(gained + lost - (gained - lost) ** 2 / n, 0.0)) / n
         return Change(name, x, y, before.epoch, after.epoch, se, n, "paired")
+    if (
+        metric == "val_macro_f1"
+        and a is not None
+        and b is not None
+        and a.classes
+        and b.classes
+        and torch.equal(a.labels, b.labels)
+    ):
+        return Change(name, x, y, before.epoch, after.epoch, macro_f1_change_se(a, b), len(a), "paired")
     if count:
+        # macro-F1 without each example's classes: the accuracy's binomial error, an approximation (narrower than
+        # macro-F1's own where classes are small)
         se = math.hypot(binomial_se(x, count), binomial_se(y, count))
         return Change(name, x, y, before.epoch, after.epoch, se, count, "unpaired")
     return Change(name, x, y, before.epoch, after.epoch, 0.0, None, "none")
+
+
+BOOTSTRAP_SAMPLES = 400
+"""Resamples of the validation set behind a macro-F1 change's standard error (seeded: the same error every time)."""
+
+
+def macro_f1_change_se(before: ValidationExamples, after: ValidationExamples) -> float:
+    """The standard error of the change in macro-F1 between two epochs on the same examples: the spread of that
+    change over bootstrap resamples of the examples, each resample scoring both epochs on the same draws (paired)."""
+    n = len(before)
+    classes = int(max(before.predicted.max(), after.predicted.max(), before.labels.max())) + 1
+    draws = torch.randint(n, (BOOTSTRAP_SAMPLES, n), generator=torch.Generator().manual_seed(0))
+    weights = torch.zeros(BOOTSTRAP_SAMPLES, n, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(BOOTSTRAP_SAMPLES, n, dtype=torch.float64)
+    )
+    truth = torch.nn.functional.one_hot(before.labels.long(), classes).double()
+
+    def macro_f1(predicted: torch.Tensor) -> torch.Tensor:
+        guessed = torch.nn.functional.one_hot(predicted.long(), classes).double()
+        hits, true, said = weights @ (truth * guessed), weights @ truth, weights @ guessed
+        present = (true + said) > 0
+        f1 = torch.where(present, 2 * hits / (true + said).clamp(min=1e-12), torch.zeros_like(hits))
+        return f1.sum(dim=1) / present.sum(dim=1).clamp(min=1)
+
+    return float((macro_f1(after.predicted) - macro_f1(before.predicted)).std())
 
 
 def loss_resolution(record: EpochRecord, noise: Noise | None = None) -> float:
@@ -217,6 +269,9 @@ def examples_tensors(history: Sequence[EpochRecord]) -> dict[str, torch.Tensor]:
         if record.examples is not None:
             tensors[f"{record.epoch}.losses"] = record.examples.losses.float().contiguous()
             tensors[f"{record.epoch}.correct"] = record.examples.correct.bool().contiguous()
+            if record.examples.classes:
+                tensors[f"{record.epoch}.predicted"] = record.examples.predicted.int().contiguous()
+                tensors[f"{record.epoch}.labels"] = record.examples.labels.int().contiguous()
     return tensors
 
 
@@ -224,8 +279,12 @@ def attach_examples(history: Sequence[EpochRecord], tensors: dict[str, torch.Ten
     """Give each record read back from a checkpoint its per-example results (records without them keep None)."""
     for record in history:
         losses, correct = tensors.get(f"{record.epoch}.losses"), tensors.get(f"{record.epoch}.correct")
+        predicted, labels = tensors.get(f"{record.epoch}.predicted"), tensors.get(f"{record.epoch}.labels")
         if losses is not None and correct is not None:
-            record.examples = ValidationExamples(losses, correct)
+            classes = (
+                (predicted.long(), labels.long()) if predicted is not None and labels is not None else (None, None)
+            )
+            record.examples = ValidationExamples(losses, correct, *classes)
 
 
 def examples_from_logits(logits: torch.Tensor | Any, labels: torch.Tensor | Any) -> ValidationExamples:
@@ -233,14 +292,20 @@ def examples_from_logits(logits: torch.Tensor | Any, labels: torch.Tensor | Any)
     logits = torch.as_tensor(logits).detach().float().cpu()
     labels = torch.as_tensor(labels).detach().long().cpu()
     losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-    return ValidationExamples(losses, logits.argmax(dim=-1) == labels)
+    predicted = logits.argmax(dim=-1)
+    return ValidationExamples(losses, predicted == labels, predicted, labels)
 
 
 def join_examples(parts: Sequence[ValidationExamples]) -> ValidationExamples | None:
     """One epoch's results from its batches' (None for none)."""
     if not parts:
         return None
-    return ValidationExamples(torch.cat([p.losses for p in parts]), torch.cat([p.correct for p in parts]))
+    classes = (
+        (torch.cat([p.predicted for p in parts]), torch.cat([p.labels for p in parts]))
+        if all(p.classes for p in parts)
+        else (None, None)
+    )
+    return ValidationExamples(torch.cat([p.losses for p in parts]), torch.cat([p.correct for p in parts]), *classes)
 
 
 def within_noise_of_best(history: Sequence[EpochRecord], best: int, metric: str = "val_accuracy") -> list[int]:

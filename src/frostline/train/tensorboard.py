@@ -31,6 +31,7 @@ class TensorBoardLog:
             "loss/validation": record.val_loss,
             "accuracy/validation": record.val_accuracy,
             "accuracy/train": record.train_accuracy,
+            "macro_f1/validation": record.val_macro_f1,
             "time/train_seconds": record.train_seconds,
             "trainable/parameters": record.trainable_params,
         }

@@ -524,7 +524,9 @@ class Trainer:
             result.loss,
             evaluation.loss,
             evaluation.accuracy,
-            ValidationExamples(evaluation.losses, evaluation.correct),
+            ValidationExamples(
+                evaluation.losses, evaluation.correct, evaluation.predictions, self.data.val_labels.reshape(-1)
+            ),
             train_accuracy=result.accuracy,
             lr=group_rates(optimizer),
             lr_trace=result.lr_trace,
