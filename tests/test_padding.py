@@ -92,6 +92,7 @@ def test_the_cache_pass_runs_texts_by_length_and_returns_features_in_the_datas_o
             model, head_tail(model, model_map), "head", inputs, runtime, batch_size=2, ahead=[Ahead(tail, "block", "")]
         )
         torch.testing.assert_close(head.features, pooled)
+        assert not head.features.is_inference() and not kept[0][1].features["hidden"].is_inference()
         assert kept[0][1].where == "memory" and fresh.has("block")
         for name in ("hidden", "attention_mask"):
             torch.testing.assert_close(kept[0][1].features[name], states[name], atol=1e-6, rtol=1e-5)

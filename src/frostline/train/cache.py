@@ -292,7 +292,9 @@ class _Placed:
 
         values = chunk if isinstance(chunk, dict) else {None: chunk}
         if self.features is None:
-            made = {k: torch.empty((self.n, *v.shape[1:]), dtype=dtype(v)) for k, v in values.items()}
+            # ordinary tensors, though the pass runs in inference mode: training reads them with autograd on
+            with torch.inference_mode(False):
+                made = {k: torch.empty((self.n, *v.shape[1:]), dtype=dtype(v)) for k, v in values.items()}
             self.features = made if isinstance(chunk, dict) else made[None]
         target = self.features if isinstance(self.features, dict) else {None: self.features}
         for k, v in values.items():
