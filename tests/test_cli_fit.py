@@ -85,6 +85,22 @@ def test_eval_writes_per_class_figures_the_confusion_matrix_and_the_mistakes(fit
     assert (tmp_path / "out" / "eval-news-confusion.png").is_file()
 
 
+def test_eval_of_a_read_only_run_folder_prints_everything_and_says_what_it_did_not_write(
+    fitted_run, tmp_path, capsys, monkeypatch
+):
+    import frostline.cli.eval as eval_cli
+
+    (fitted_run / "eval.json").unlink(missing_ok=True)
+    before = sorted(p.name for p in fitted_run.iterdir())
+    monkeypatch.setattr(eval_cli.os, "access", lambda path, mode: False)  # as a shared folder would be
+    assert main(["eval", str(fitted_run)]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "eval.json and its confusion PNG not written" in out and "--output DIR" in out
+    assert sorted(p.name for p in fitted_run.iterdir()) == before
+    assert main(["eval", str(fitted_run), "--output", str(tmp_path / "out")]) == 1
+    assert "cannot write into" in capsys.readouterr().err
+
+
 def test_batch_prediction_of_a_file_gives_evals_accuracy(fitted_run, news_csv, tmp_path, capsys):
     import csv
 

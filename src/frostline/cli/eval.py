@@ -60,8 +60,9 @@ def run(args: argparse.Namespace) -> int:
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output} is a file; name a folder")
     writable = output if output.exists() else next((p for p in output.parents if p.exists()), Path("."))
-    if not os.access(writable, os.W_OK):
-        raise ConfigError(f"cannot write eval.json into {output} (no permission); name a folder with --output DIR")
+    write = os.access(writable, os.W_OK)
+    if not write and args.output:
+        raise ConfigError(f"--output {output}: cannot write into {writable} (no permission); name another folder")
     console = make_console()
     trained = open_run(args, console)
     # evaluation runs wherever this machine can (the run may have trained on a GPU this one lacks)
@@ -116,6 +117,14 @@ def run(args: argparse.Namespace) -> int:
     }
     from frostline.report.plots import plot_confusion
 
+    if not write:
+        # a shared, read-only run folder is still evaluated; only the files are left out, and the way to keep them said
+        console.print(
+            f"[yellow]{stem}.json and its confusion PNG not written: {output} is read-only here; pass --output DIR "
+            "to keep them[/]",
+            highlight=False,
+        )
+        return 0
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / f"{stem}.json", json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     plot_confusion(scores, output / f"{stem}-confusion.png", title=f"{Path(args.run_dir).name} on {examples.where}")
