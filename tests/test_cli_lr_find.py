@@ -240,7 +240,27 @@ def test_lr_find_sweeps_the_config_stage(recipe, tmp_path, capsys, monkeypatch):
     assert f"{result['suggestion']:.2e}" == "4.83e-04"
 
     # stage 0 of the same recipe: the head alone at the base rate
-    assert main(["lr-find", str(recipe), "--steps", "20", "--output", str(png), "--json"]) == 0
+    assert main(["lr-find", str(recipe), "--steps", "20", "--output", str(png), "--overwrite", "--json"]) == 0
     head = json.loads(capsys.readouterr().out)
     assert head["group_scales"] == [1.0, 1.0]
     assert [g["weight_decay"] for g in built[1]] == [0.01, 0.0]
+
+
+def test_the_plot_never_replaces_a_file_unless_asked(tmp_path, monkeypatch, capsys):
+    from frostline.cli.lr_find import plot_path
+    from frostline.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    assert plot_path(None, overwrite=False).name == "lr_find.png"
+    (tmp_path / "lr_find.png").write_bytes(b"an earlier plot")
+    (tmp_path / "lr_find-2.png").write_bytes(b"another")
+    assert plot_path(None, overwrite=False).name == "lr_find-3.png"
+    assert plot_path(None, overwrite=True).name == "lr_find.png"
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"keep me")
+    with pytest.raises(ConfigError, match="pass --overwrite to replace it"):
+        plot_path(str(mine), overwrite=False)
+    assert plot_path(str(mine), overwrite=True) == mine
+    # refused before any data or model is read
+    assert main(["lr-find", "hf:minilm", "--output", str(mine)]) == 1
+    assert "exists; pass --overwrite" in capsys.readouterr().err and mine.read_bytes() == b"keep me"

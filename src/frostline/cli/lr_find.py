@@ -13,6 +13,7 @@ import difflib
 import inspect
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -63,6 +64,10 @@ class SweepSettings:
     @property
     def stage(self) -> StageConfig:
         return self.config.stages[self.stage_index]
+
+
+DEFAULT_PLOT = "lr_find.png"
+"""The plot's name when --output is not given (numbered rather than written over an earlier plot)."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -149,7 +154,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--start-lr", type=float, default=start, help=f"first base rate (default {start:g})")
     parser.add_argument("--end-lr", type=float, default=end, help=f"last base rate (default {end:g})")
     parser.add_argument("--steps", type=int, default=steps, help=f"optimizer steps in the sweep (default {steps})")
-    parser.add_argument("--output", default="lr_find.png", help="where to write the plot (default lr_find.png)")
+    parser.add_argument(
+        "--output",
+        help="where to write the plot (default lr_find.png, or lr_find-2.png, ... rather than replace an earlier one)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--json", action="store_true", help="also print the result as JSON")
     parser.set_defaults(run=run)
 
@@ -238,9 +247,29 @@ def _sweep_problems(args: argparse.Namespace) -> list[str]:
     return problems
 
 
+def plot_path(output: str | None, overwrite: bool) -> Path:
+    """Where the plot goes: never over an existing file unless `overwrite`; the default name takes the next free
+    number instead (lr_find-2.png, ...), as run folders do.
+
+    Raises:
+        ConfigError: a named --output exists and `overwrite` is off.
+    """
+    if output is not None:
+        path = Path(output)
+        if path.exists() and not overwrite:
+            raise ConfigError(f"--output {path} exists; pass --overwrite to replace it, or name another file")
+        return path
+    path, n = Path(DEFAULT_PLOT), 1
+    while path.exists() and not overwrite:
+        n += 1
+        path = Path(DEFAULT_PLOT).with_stem(f"{Path(DEFAULT_PLOT).stem}-{n}")
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
     console = make_console(stderr=args.json)
     settings = build_settings(args)
+    output = plot_path(args.output, args.overwrite)
     config, stage, index = settings.config, settings.stage, settings.stage_index
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
@@ -292,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
             num_steps=args.steps,
             progress=lambda step, total, lr, loss: bar.update(task, completed=step, lr=lr, loss=loss),
         )
-    path = plot_lr_find(result, args.output, title=f"{source.ref} on {prepared.origin}, freeze {plan.spec}")
+    path = plot_lr_find(result, output, title=f"{source.ref} on {prepared.origin}, freeze {plan.spec}")
     console.print(f"stopped: {result.stopped}", highlight=False)
     steep = f"{result.steepest:.2e}" if result.steepest is not None else "none"
     valley = f"{result.valley:.2e}" if result.valley is not None else "none"
