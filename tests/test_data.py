@@ -127,6 +127,22 @@ def test_a_byte_order_mark_and_spaces_around_labels_do_not_make_columns_or_class
     assert data.notes == ("2 label(s) had spaces around them, read without",)
 
 
+def test_one_number_spelled_two_ways_is_one_class(tmp_path):
+    # pandas writes 1.0 once a column has a missing value; JSON has 1 and 1.0
+    path = tmp_path / "mixed.jsonl"
+    rows = [("a", 1), ("b", 1.0), ("c", 2), ("d", "2.0"), ("e", 10)]
+    path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    data = open_text_data(str(path))
+    assert data.label_names == ["1", "2", "10"] and data.labels == [0, 0, 1, 1, 2]
+    assert data.notes == (
+        "labels '1', '1.0' are one number, read as one class '1'",
+        "labels '2', '2.0' are one number, read as one class '2'",
+    )
+    # a file that spells each number one way keeps its names
+    path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in [("a", 1.0), ("b", 2.0)]))
+    assert open_text_data(str(path)).label_names == ["1.0", "2.0"]
+
+
 def test_validation_examples_that_copy_training_ones_are_named(tmp_path):
     from frostline.config import DataConfig
     from frostline.dataset import prepare_data

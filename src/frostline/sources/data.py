@@ -318,6 +318,8 @@ def read_text_file(
     if padded:
         # "sports " and "sports" are one class, not two
         notes.append(f"{padded:,d} label(s) had spaces around them, read without")
+    values, merged = _same_numbers(values)
+    notes += merged
     names = sorted(
         set(values), key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v)
     )
@@ -331,6 +333,28 @@ def read_text_file(
     )
     check_classifiable(data)
     return data
+
+
+def _same_numbers(values: list[str]) -> tuple[list[str], list[str]]:
+    """Labels that spell one number two ways ("1" and "1.0": a file written by pandas after a missing value, or
+    JSON's 1 and 1.0) as one class, named by the shortest spelling; with a note for each class merged. Files whose
+    labels spell every number one way keep their names."""
+    spellings: dict[float, set[str]] = {}
+    for value in set(values):
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if math.isfinite(number):
+            spellings.setdefault(number, set()).add(value)
+    rename, notes = {}, []
+    for _, group in sorted(spellings.items()):
+        if len(group) > 1:
+            name = min(group, key=lambda v: (len(v), v))
+            rename |= {v: name for v in group}
+            shown = ", ".join(repr(v) for v in sorted(group))
+            notes.append(f"labels {shown} are one number, read as one class {name!r}")
+    return [rename.get(v, v) for v in values], notes
 
 
 def check_classifiable(data: TextData | ImageData) -> None:
