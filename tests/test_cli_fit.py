@@ -88,11 +88,11 @@ def test_eval_writes_per_class_figures_the_confusion_matrix_and_the_mistakes(fit
 def test_eval_of_a_read_only_run_folder_prints_everything_and_says_what_it_did_not_write(
     fitted_run, tmp_path, capsys, monkeypatch
 ):
-    import frostline.cli.eval as eval_cli
+    import frostline.cli.run_args as run_args
 
     (fitted_run / "eval.json").unlink(missing_ok=True)
     before = sorted(p.name for p in fitted_run.iterdir())
-    monkeypatch.setattr(eval_cli.os, "access", lambda path, mode: False)  # as a shared folder would be
+    monkeypatch.setattr(run_args.os, "access", lambda path, mode: False)  # as a shared folder would be
     assert main(["eval", str(fitted_run)]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "eval.json and its confusion PNG not written" in out and "--output DIR" in out

@@ -21,6 +21,7 @@ from frostline.batches import logits_of
 from frostline.checkpoint import atomic_write_text
 from frostline.errors import ConfigError
 from frostline.runs import TrainedRun
+from frostline.sources.sentence import SentenceClassifier
 
 FORMATS = ("torchscript", "onnx", "hf")
 TOLERANCE = 1e-4
@@ -66,55 +67,53 @@ def export(trained: TrainedRun, fmt: str, folder: Path, examples: int = 8) -> Ex
     """
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if trained.windows > 1 and fmt != "hf":
+    if trained.windows > 1:
         raise ConfigError(
             f"the run reads each text in {trained.windows} windows (data.windows); an exported graph reads one "
             "window of max_length tokens, so it would not be the model that was evaluated"
         )
+    if fmt == "hf":
+        _check_hf(trained)
     model = trained.model.float().eval()
-    inputs = _sample_inputs(trained, examples)
+    inputs, what = _sample_inputs(trained, examples)
     with torch.inference_mode():
         expected = logits_of(model(**inputs) if isinstance(inputs, dict) else model(inputs)).float()
     folder.mkdir(parents=True, exist_ok=True)
-    if fmt == "torchscript":
-        files, checked = _torchscript(trained, model, inputs, expected, folder)
-    elif fmt == "onnx":
-        files, checked = _onnx(trained, model, inputs, expected, folder)
-    else:
-        files, checked = _hf(trained, model, inputs, expected, folder)
+    export_format = {"torchscript": _torchscript, "onnx": _onnx, "hf": _hf}[fmt]
+    files, runtime, got = export_format(trained, model, inputs, expected, folder)
     files += _write_reader_files(trained, fmt, folder)
-    return Exported(folder, fmt, files, checked)
+    return Exported(folder, fmt, files, _compare(expected, got, runtime, what))
 
 
-def _sample_inputs(trained: TrainedRun, n: int) -> Any:
-    """A few real examples as the model reads them: the run's validation examples where it can find them."""
+def _sample_inputs(trained: TrainedRun, n: int) -> tuple[Any, str]:
+    """A few inputs as the model reads them, and what they are: the run's validation examples where it can find
+    them, else made-up ones (a run whose split cannot be found again), said as such."""
     try:
         examples = trained.validation()
-        inputs = examples.inputs
     except ConfigError:
-        inputs = None
-    if inputs is None:
         if trained.reads_images:
             size = trained.config.data.image_size or 224
-            return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0))
-        return trained.encode(["an example text to check the export with"] * 2)
+            return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0)), f"{n} random images"
+        return trained.encode(["an example text to check the export with", "and another"]), "2 example texts"
+    inputs = examples.inputs
+    count = f"{min(n, len(examples.labels))} validation examples"
     if isinstance(inputs, dict):
-        return {k: v[:n] for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        return {k: v[:n] for k, v in inputs.items() if k in ("input_ids", "attention_mask")}, count
     batch = inputs[:n]
-    return examples.transform(batch, None) if examples.transform is not None else batch
+    return (examples.transform(batch, None) if examples.transform is not None else batch), count
 
 
-def _compare(expected: torch.Tensor, got: Any, runtime: str, n: int) -> str:
+def _compare(expected: torch.Tensor, got: Any, runtime: str, what: str) -> str:
     got = torch.as_tensor(got).float()
     if got.shape != expected.shape:
         raise ConfigError(f"the exported model gives logits of shape {tuple(got.shape)}, not {tuple(expected.shape)}")
     worst = float((got - expected).abs().max())
     if not worst <= TOLERANCE:
         raise ConfigError(
-            f"the exported model's logits differ from frostline's by up to {worst:.2e} on {n} examples "
+            f"the exported model's logits differ from frostline's by up to {worst:.2e} on {what} "
             f"(tolerance {TOLERANCE:g}); it was not kept as a faithful export"
         )
-    return f"loaded with {runtime}: logits within {worst:.1e} of frostline's on {n} validation examples"
+    return f"loaded with {runtime}: logits within {worst:.1e} of frostline's on {what}"
 
 
 def _wrapped(trained: TrainedRun, model: nn.Module) -> nn.Module:
@@ -125,7 +124,7 @@ def _args(inputs: Any) -> tuple[torch.Tensor, ...]:
     return (inputs["input_ids"], inputs["attention_mask"]) if isinstance(inputs, dict) else (inputs,)
 
 
-def _torchscript(trained, model, inputs, expected, folder: Path) -> tuple[list[str], str]:
+def _torchscript(trained, model, inputs, expected, folder: Path) -> tuple[list[str], str, Any]:
     wrapper = _wrapped(trained, model).eval()
     args = _args(inputs)
     with torch.inference_mode(False), torch.no_grad():
@@ -136,12 +135,11 @@ def _torchscript(trained, model, inputs, expected, folder: Path) -> tuple[list[s
     # another batch shape than the traced one: a graph that baked in the trace's size fails here
     shorter = tuple(a[: max(1, len(a) - 1)] for a in args)
     with torch.no_grad():
-        got = loaded(*args)
-        _compare(expected[: len(shorter[0])], loaded(*shorter), "torch.jit.load", len(shorter[0]))
-    return ["model.pt"], _compare(expected, got, "torch.jit.load", len(args[0]))
+        _compare(expected[: len(shorter[0])], loaded(*shorter), "torch.jit.load", "a shorter batch")
+        return ["model.pt"], "torch.jit.load", loaded(*args)
 
 
-def _onnx(trained, model, inputs, expected, folder: Path) -> tuple[list[str], str]:
+def _onnx(trained, model, inputs, expected, folder: Path) -> tuple[list[str], str, Any]:
     try:
         import onnxruntime
     except ImportError as err:
@@ -164,26 +162,35 @@ def _onnx(trained, model, inputs, expected, folder: Path) -> tuple[list[str], st
         )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {name: a.numpy() for name, a in zip(names, args, strict=True)}
-    got = session.run(["logits"], feed)[0]
-    return ["model.onnx"], _compare(expected, got, f"onnxruntime {onnxruntime.__version__}", len(args[0]))
+    return ["model.onnx"], f"onnxruntime {onnxruntime.__version__}", session.run(["logits"], feed)[0]
 
 
-def _hf(trained, model, inputs, expected, folder: Path) -> tuple[list[str], str]:
+def _check_hf(trained: TrainedRun) -> None:
+    """Refuse, before any work, a model that --format hf cannot write.
+
+    Raises:
+        ConfigError: transformers is missing, or the model is not a transformers model (with the formats that work).
+    """
     try:
-        from transformers import PreTrainedModel, pipeline
+        from transformers import PreTrainedModel
     except ImportError as err:
         raise ConfigError("--format hf needs transformers: pip install 'frostline[text]'") from err
+    model = trained.model
     if not isinstance(model, PreTrainedModel):
+        why = (
+            ": a sentence encoder with a pooling head, which no transformers class reads"
+            if isinstance(model, SentenceClassifier)
+            else ""
+        )
         raise ConfigError(
             f"--format hf writes a transformers model, and {type(model).__name__} (model.ref "
-            f"{trained.config.model.ref}) is not one"
-            + (
-                ": a sentence encoder with a pooling head, which no transformers class reads; "
-                "use --format onnx or torchscript"
-                if type(model).__name__ == "SentenceClassifier"
-                else "; use --format onnx or torchscript"
-            )
+            f"{trained.config.model.ref}) is not one{why}; use --format onnx or torchscript"
         )
+
+
+def _hf(trained, model, inputs, expected, folder: Path) -> tuple[list[str], str, Any]:
+    from transformers import pipeline
+
     model.config.id2label = dict(enumerate(trained.labels))
     model.config.label2id = {name: i for i, name in enumerate(trained.labels)}
     model.save_pretrained(str(folder), safe_serialization=True)
@@ -192,8 +199,7 @@ def _hf(trained, model, inputs, expected, folder: Path) -> tuple[list[str], str]
     reloaded = classify.model.eval()
     with torch.inference_mode():
         got = logits_of(reloaded(**inputs))
-    files = sorted(p.name for p in folder.iterdir() if p.is_file())
-    return files, _compare(expected, got, "transformers.pipeline", len(inputs["input_ids"]))
+    return sorted(p.name for p in folder.iterdir() if p.is_file()), "transformers.pipeline", got
 
 
 def _write_reader_files(trained: TrainedRun, fmt: str, folder: Path) -> list[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 from pathlib import Path
 
@@ -18,9 +17,10 @@ from rich.table import Table
 from frostline.batches import TensorBatches
 from frostline.checkpoint import atomic_write_text
 from frostline.cli.console import make_console
-from frostline.cli.run_args import add_run_arguments, open_run
+from frostline.cli.run_args import add_run_arguments, can_write, open_run
 from frostline.errors import ConfigError
 from frostline.metrics import Classification, classify
+from frostline.report.plots import plot_confusion
 from frostline.runs import LabelledSet
 from frostline.train.evidence import binomial_se
 from frostline.train.loop import EvalResult, evaluate, model_forward
@@ -59,10 +59,9 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else Path(args.run_dir)
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output} is a file; name a folder")
-    writable = output if output.exists() else next((p for p in output.parents if p.exists()), Path("."))
-    write = os.access(writable, os.W_OK)
+    write, folder = can_write(output)
     if not write and args.output:
-        raise ConfigError(f"--output {output}: cannot write into {writable} (no permission); name another folder")
+        raise ConfigError(f"--output {output}: cannot write into {folder} (no permission); name another folder")
     console = make_console()
     trained = open_run(args, console)
     # evaluation runs wherever this machine can (the run may have trained on a GPU this one lacks)
@@ -115,8 +114,6 @@ def run(args: argparse.Namespace) -> int:
         **scores.to_dict(),
         "misclassified": wrong,
     }
-    from frostline.report.plots import plot_confusion
-
     if not write:
         # a shared, read-only run folder is still evaluated; only the files are left out, and the way to keep them said
         console.print(

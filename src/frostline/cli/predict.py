@@ -12,14 +12,13 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from frostline.batches import batch_to, logits_of
 from frostline.cli.console import make_console
-from frostline.cli.run_args import add_run_arguments, open_run
+from frostline.cli.run_args import add_run_arguments, can_write, open_run
 from frostline.errors import ConfigError
 from frostline.runs import TrainedRun
 from frostline.sources.data import read_texts
@@ -62,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         return _write_csv(Path(args.output), trained, items, predictions)
     console = make_console()
-    for (source, _), probs in predictions:
+    for source, probs in predictions:
         ranked = sorted(zip(trained.labels, probs.tolist(), strict=True), key=lambda pair: -pair[1])[: args.top]
         if args.json:
             print(json.dumps({"text": source, "label": ranked[0][0], "probabilities": dict(ranked)}), flush=True)
@@ -89,17 +88,13 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--output {output} is a folder; name a .csv file")
         if output.exists() and not args.overwrite:
             raise ConfigError(f"--output {output} exists; pass --overwrite to replace it, or name another file")
-        folder = next((p for p in output.absolute().parents if p.exists()), Path("/"))
-        if not os.access(folder, os.W_OK):
+        write, folder = can_write(output)
+        if not write:
             raise ConfigError(f"--output {output}: cannot write into {folder} (no permission); name another file")
 
 
-Item = tuple[str, Any]
-"""(what people see: the text, or the image's path; what the model reads: the text, or the image file)."""
-
-
-def _items(args: argparse.Namespace, trained: TrainedRun) -> list[Item]:
-    """What to label, checked against what the run reads.
+def _items(args: argparse.Namespace, trained: TrainedRun) -> list[str]:
+    """What to label (texts, or image files), checked against what the run reads.
 
     Raises:
         ConfigError: images given to a text run or texts to an image run, a missing file, or an empty folder.
@@ -109,27 +104,27 @@ def _items(args: argparse.Namespace, trained: TrainedRun) -> list[Item]:
             missing = [t for t in args.texts if not Path(t).is_file()]
             if missing:
                 raise ConfigError(f"this run classifies images; {missing[0]!r} is not an image file")
-            return [(t, Path(t)) for t in args.texts]
+            return list(args.texts)
         folder = Path(args.input)
         if not folder.is_dir():
             raise ConfigError(f"this run classifies images; --input {folder} must be a folder of images")
         files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
         if not files:
             raise ConfigError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        return [(str(f), f) for f in files]
+        return [str(f) for f in files]
     if args.texts:
         images = [t for t in args.texts if Path(t).suffix.lower() in IMAGE_SUFFIXES and Path(t).is_file()]
         if images:
             raise ConfigError(f"this run classifies texts; {images[0]} is an image file")
-        return [(t, t) for t in args.texts]
+        return list(args.texts)
     path = Path(args.input)
     if path.is_dir():
         raise ConfigError(f"this run classifies texts; --input {path} must be a .csv or .jsonl file, not a folder")
     column = args.text_column or trained.config.data.text_column
-    return [(text, text) for _, text in read_texts(path, column, trained.config.data.encoding)]
+    return read_texts(path, column, trained.config.data.encoding)
 
 
-def _predict(trained: TrainedRun, model: torch.nn.Module, runtime, items: list[Item], batch_size: int) -> Iterator:
+def _predict(trained: TrainedRun, model: torch.nn.Module, runtime, items: list[str], batch_size: int) -> Iterator:
     """(item, class probabilities) for every item, in batches, with a progress bar on stderr for more than one."""
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     progress = Progress(
@@ -143,17 +138,16 @@ def _predict(trained: TrainedRun, model: torch.nn.Module, runtime, items: list[I
     )
     with progress, torch.inference_mode():
         for chunk in progress.track(chunks):
-            inputs = [what for _, what in chunk]
             with runtime.autocast():
                 if trained.reads_images:
-                    logits = model(trained.encode_images(inputs).to(runtime.device))
+                    logits = model(trained.encode_images(chunk).to(runtime.device))
                 else:
-                    logits = model(**batch_to(trained.encode(inputs), runtime.device))
+                    logits = model(**batch_to(trained.encode(chunk), runtime.device))
             probabilities = logits_of(logits).float().softmax(dim=-1).cpu()
             yield from zip(chunk, probabilities, strict=True)
 
 
-def _write_csv(path: Path, trained: TrainedRun, items: list[Item], predictions: Iterator) -> int:
+def _write_csv(path: Path, trained: TrainedRun, items: list[str], predictions: Iterator) -> int:
     """Rows as they are predicted into a temporary file next to `path`, renamed over it only when all are in."""
     column = "image" if trained.reads_images else "text"
     header = [column, "label", "probability", *(f"p_{name}" for name in trained.labels)]
@@ -164,7 +158,7 @@ def _write_csv(path: Path, trained: TrainedRun, items: list[Item], predictions: 
             writer = csv.writer(handle)
             writer.writerow(header)
             counts = dict.fromkeys(trained.labels, 0)
-            for (source, _), probs in predictions:
+            for source, probs in predictions:
                 best = int(probs.argmax())
                 counts[trained.labels[best]] += 1
                 writer.writerow(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from rich.console import Console
 
@@ -25,3 +27,10 @@ def open_run(args: argparse.Namespace, console: Console) -> TrainedRun:
     for note in trained.notes:
         console.print(f"[yellow]{note}[/]", highlight=False)
     return trained
+
+
+def can_write(path: Path) -> tuple[bool, Path]:
+    """Whether `path` (a file or folder, made if missing) can be written here, and the folder that decides it: the
+    path itself when it is a folder, else its nearest existing parent."""
+    folder = path if path.is_dir() else next((p for p in path.absolute().parents if p.exists()), Path("/"))
+    return os.access(folder, os.W_OK), folder

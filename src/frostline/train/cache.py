@@ -185,7 +185,8 @@ class FeatureCache:
         return None, ""
 
     def has(self, key: str) -> bool:
-        return key in self.memory or (self._path(key) is not None and self._path(key).is_file())
+        path = self._path(key)
+        return key in self.memory or (path is not None and path.is_file())
 
     def _keep(self, key: str, features: Features) -> tuple[Features, str]:
         """Features kept in memory within the budget (or when there is no folder), else memory-mapped from a file."""
@@ -224,11 +225,12 @@ class FeatureCache:
         if stored is not None:
             return CacheEntry(stored, 0.0, where), []
         unreadable = where
-        ahead = [a for a in ahead if a.tail.entry is not None and not self.has(a.key)]
         start = time.perf_counter()
         n = _count(inputs)
+        chunks = math.ceil(n / batch_size)
         made = _Placed(n, self.dtype)
-        kept: list[_Placed | None] = [_Placed(n, self.dtype) for _ in ahead]
+        # the later stages' features this pass keeps; one it cannot keep is dropped and left to its own stage's pass
+        kept = {a.key: (a, _Placed(n, self.dtype)) for a in ahead if not self.has(a.key)}
         # texts by length: each chunk then holds texts of about one length, and trimming its padding saves the most
         # (the order of a cache pass changes no example's features); each chunk's features go to their examples' places
         order = _by_length(inputs)
@@ -247,29 +249,22 @@ class FeatureCache:
                 )
                 # the frozen part runs on the batch without its shared padding; token states are padded back
                 trimmed = trim_padding(chunk)
-                wanted = [a.tail for a, placed in zip(ahead, kept, strict=True) if placed is not None]
-                captured, others = capture_together(model, tail, wanted, trimmed)
+                captured, others = capture_together(model, tail, [a.tail for a, _ in kept.values()], trimmed)
                 made.put(places, _padded_like(captured, chunk))
-                others = iter(others)
-                for j, placed in enumerate(kept):
-                    if placed is None:
-                        continue
-                    other = next(others)
-                    # an entry the pass does not reach (after a block tail's boundary) is left to its own pass
+                for (other_key, (_, placed)), other in zip(list(kept.items()), others, strict=True):
                     if other is None:
-                        kept[j] = None
+                        del kept[other_key]
                     else:
                         placed.put(places, _padded_like(other, chunk))
                 if progress is not None:
-                    progress(i + 1, math.ceil(n / batch_size), float("nan"))
+                    progress(i + 1, chunks, float("nan"))
         seconds = time.perf_counter() - start
         features, where = self._keep(key, made.features)
         entries = []
-        for a, placed in zip(ahead, kept, strict=True):
-            if placed is not None and placed.features is not None:
-                features_a, where_a = self._keep(a.key, placed.features)
-                self.origin[a.key] = f"kept by the pass for {tail.describe}"
-                entries.append((a, CacheEntry(features_a, 0.0, where_a)))
+        for a, placed in kept.values():
+            features_a, where_a = self._keep(a.key, placed.features)
+            self.origin[a.key] = f"kept by the pass for {tail.describe}"
+            entries.append((a, CacheEntry(features_a, 0.0, where_a)))
         return CacheEntry(features, seconds, where + unreadable), entries
 
 

@@ -10,6 +10,7 @@ history itself (the smallest change between epochs is one example) and the loss 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -219,15 +220,20 @@ BOOTSTRAP_SAMPLES = 400
 """Resamples of the validation set behind a macro-F1 change's standard error (seeded: the same error every time)."""
 
 
+@functools.lru_cache(maxsize=2)
+def _resamples(n: int) -> torch.Tensor:
+    """How often each of n examples is drawn in each bootstrap resample, (BOOTSTRAP_SAMPLES, n); seeded, so made
+    once per validation-set size and shared by every comparison the monitor makes."""
+    draws = torch.randint(n, (BOOTSTRAP_SAMPLES, n), generator=torch.Generator().manual_seed(0))
+    ones = torch.ones(BOOTSTRAP_SAMPLES, n, dtype=torch.float64)
+    return torch.zeros(BOOTSTRAP_SAMPLES, n, dtype=torch.float64).scatter_add_(1, draws, ones)
+
+
 def macro_f1_change_se(before: ValidationExamples, after: ValidationExamples) -> float:
     """The standard error of the change in macro-F1 between two epochs on the same examples: the spread of that
     change over bootstrap resamples of the examples, each resample scoring both epochs on the same draws (paired)."""
-    n = len(before)
     classes = int(max(before.predicted.max(), after.predicted.max(), before.labels.max())) + 1
-    draws = torch.randint(n, (BOOTSTRAP_SAMPLES, n), generator=torch.Generator().manual_seed(0))
-    weights = torch.zeros(BOOTSTRAP_SAMPLES, n, dtype=torch.float64).scatter_add_(
-        1, draws, torch.ones(BOOTSTRAP_SAMPLES, n, dtype=torch.float64)
-    )
+    weights = _resamples(len(before))
     truth = torch.nn.functional.one_hot(before.labels.long(), classes).double()
 
     def macro_f1(predicted: torch.Tensor) -> torch.Tensor:

@@ -40,9 +40,9 @@ class Tail:
     """Logits from cached features."""
     modules: list[nn.Module]
     """The modules the tail runs (put in train or eval mode by the loop)."""
-    entry: nn.Module | None = None
-    """The module whose inputs the features are (None: only `capture` can make them)."""
-    from_inputs: Callable[[tuple, Batch], Features] | None = None
+    entry: nn.Module
+    """The module whose inputs the features are."""
+    from_inputs: Callable[[tuple, Batch], Features]
     """The features, from the arguments `entry` receives when the model runs a batch: how a pass made for another
     tail can keep this one's features too (`capture_together`)."""
 
@@ -180,17 +180,19 @@ def _bert_tail(model: nn.Module, encoder: nn.Module, boundary: str, finish: Call
         return f"{boundary} is not a layer of {type(encoder).__name__}"
     start = paths.index(boundary)
 
-    def from_inputs(args: tuple, batch: Batch) -> dict[str, torch.Tensor]:
+    def one_window(batch: Batch) -> None:
         if batch["input_ids"].dim() == 3:
             raise ValueError(
                 f"the texts are read in several windows (data.windows), and token states at {boundary} are cached "
                 "per text only for one window"
             )
+
+    def from_inputs(args: tuple, batch: Batch) -> dict[str, torch.Tensor]:
+        one_window(batch)
         return {"hidden": args[0], "attention_mask": batch["attention_mask"]}
 
     def capture(batch: Batch) -> dict[str, torch.Tensor]:
-        if batch["input_ids"].dim() == 3:
-            return from_inputs((), batch)  # raises: the reason before any work
+        one_window(batch)  # the reason before any work
         return from_inputs(_capture_input(model, layers[start], batch, stop=True)[0], batch)
 
     def forward(features: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -511,7 +511,7 @@ class Trainer:
                 break
             trained |= later_plan.trainable
             tail = plan_cache(self.config.run.cache, self.model, self.model_map, later_plan, self.data.augment)
-            if isinstance(tail, str) or tail.entry is None:
+            if isinstance(tail, str):
                 continue
             later_key = self._cache_key(tail, later_plan)
             if later_key != key and all(a.key != later_key for a in ahead):
@@ -524,9 +524,7 @@ class Trainer:
             result.loss,
             evaluation.loss,
             evaluation.accuracy,
-            ValidationExamples(
-                evaluation.losses, evaluation.correct, evaluation.predictions, self.data.val_labels.reshape(-1)
-            ),
+            ValidationExamples(evaluation.losses, evaluation.correct, evaluation.predictions, self.data.val_labels),
             train_accuracy=result.accuracy,
             lr=group_rates(optimizer),
             lr_trace=result.lr_trace,
