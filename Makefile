@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= text,vision,lightning,export,tensorboard,dev
+EXTRAS ?= text,vision,lightning,export,tensorboard,lora,dev
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.frostline-installed
 

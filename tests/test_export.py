@@ -41,7 +41,7 @@ def text_run(news_csv, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def classifier_run(news_csv, tmp_path_factory):
+def classifier(tmp_path_factory):
     """A transformers sequence classifier (BertForSequenceClassification) saved to a folder with MiniLM's tokenizer."""
     from frostline.sources.text import open_tokenizer
 
@@ -50,7 +50,20 @@ def classifier_run(news_csv, tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "tiny-bert"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return _fit(tmp_path_factory, f"hf:{folder}", news_csv, "--set", "data.max_length=32")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def classifier_run(classifier, news_csv, tmp_path_factory):
+    return _fit(tmp_path_factory, f"hf:{classifier}", news_csv, "--set", "data.max_length=32")
+
+
+@pytest.fixture(scope="module")
+def lora_run(classifier, news_csv, tmp_path_factory):
+    """LoRA adapters (peft) with the classifier's head, in both stages (the best weights carry trained adapters)."""
+    pytest.importorskip("peft", reason="the lora extra (peft) is not installed")
+    settings = ["--set", "data.max_length=32", "--set", "stages.0.freeze=lora:r=4", "--set", "stages.1.freeze=lora:r=4"]
+    return _fit(tmp_path_factory, f"hf:{classifier}", news_csv, *settings)
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +176,37 @@ def test_an_export_never_replaces_other_files(text_run, tmp_path, capsys):
     assert main(["export", str(text_run), "--format", "torchscript", "--output", str(folder), "--overwrite"]) == 1
     assert "holds files that are not a frostline export" in capsys.readouterr().err
     assert (folder / "notes.txt").read_text() == "keep me"
+
+
+def test_a_lora_run_is_rebuilt_with_its_adapters_and_exports_merged_to_a_pipeline(lora_run, tmp_path, capsys):
+    from transformers import pipeline
+
+    from frostline.adapters import adapted_modules
+
+    head = json.loads((lora_run / "head.json").read_text())
+    assert head["lora"].startswith("lora:r=4,alpha=8,dropout=0.05,targets=bert.encoder.layer.0.attention.self.query")
+    trained = load_run(lora_run)
+    assert len(adapted_modules(trained.model)) == 8  # query and value of the 4 layers, re-added before loading
+    lora_b = [p for n, p in trained.model.named_parameters() if "lora_B" in n]
+    assert all(p.abs().sum() > 0 for p in lora_b)  # the trained adapters were loaded, not fresh zeros
+    folder = tmp_path / "hf"
+    assert main(["export", str(lora_run), "--format", "hf", "--output", str(folder)]) == 0
+    assert "merged the LoRA adapters of 8 modules into their weights" in capsys.readouterr().out
+    classify = pipeline("text-classification", model=str(folder), top_k=None, device="cpu")
+    assert not any("lora" in n for n, _ in classify.model.named_parameters())
+    # the merged model in the pipeline gives the adapted (unmerged) model's probabilities
+    expected = _frostline_logits(lora_run, TEXTS).softmax(-1)
+    for scores, probs in zip(classify(TEXTS), expected, strict=True):
+        got = {s["label"]: s["score"] for s in scores}
+        assert got == pytest.approx(dict(zip(head["labels"], probs.tolist(), strict=True)), abs=1e-4)
+
+
+def test_a_lora_runs_onnx_export_matches_the_adapted_model(lora_run, tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) is not installed")
+    folder = tmp_path / "onnx"
+    assert main(["export", str(lora_run), "--format", "onnx", "--output", str(folder)]) == 0
+    tokens = _tokenized(folder, TEXTS, 32)
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = {k: tokens[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
+    logits = torch.from_numpy(session.run(["logits"], feed)[0])
+    torch.testing.assert_close(logits, _frostline_logits(lora_run, TEXTS), atol=1e-4, rtol=1e-4)

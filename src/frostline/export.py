@@ -2,7 +2,8 @@
 
 Every export is checked before it is called done: the exported model is loaded with its own runtime
 (`torch.jit.load`, onnxruntime, `transformers.pipeline`) and its logits are compared with frostline's own on
-examples of the run's validation data. The folder holds what a reader needs besides the model: the labels in
+examples of the run's validation data. A LoRA run is exported merged (each adapter folded into the weight it
+adapts), so the check also proves the merged model gives the adapted model's logits. The folder holds what a reader needs besides the model: the labels in
 order, the tokenizer (text) or the preprocessing written down (images), and `frostline-export.json`.
 """
 
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from frostline.adapters import merge_lora
 from frostline.batches import logits_of
 from frostline.checkpoint import atomic_write_text
 from frostline.errors import ConfigError
@@ -35,6 +37,8 @@ class Exported:
     files: list[str]
     checked: str
     """How the export was checked, for people: the runtime, the examples, the largest logit difference."""
+    notes: list[str] = field(default_factory=list)
+    """What else was done to the model on the way (LoRA adapters merged)."""
 
 
 class _TextLogits(nn.Module):
@@ -78,11 +82,14 @@ def export(trained: TrainedRun, fmt: str, folder: Path, examples: int = 8) -> Ex
     inputs, what = _sample_inputs(trained, examples)
     with torch.inference_mode():
         expected = logits_of(model(**inputs) if isinstance(inputs, dict) else model(inputs)).float()
+    # the expected logits are the adapted model's: the check below proves the merged model gives them
+    merged = merge_lora(model)
+    notes = [f"merged the LoRA adapters of {merged:,d} modules into their weights (peft)"] if merged else []
     folder.mkdir(parents=True, exist_ok=True)
     export_format = {"torchscript": _torchscript, "onnx": _onnx, "hf": _hf}[fmt]
     files, runtime, got = export_format(trained, model, inputs, expected, folder)
     files += _write_reader_files(trained, fmt, folder)
-    return Exported(folder, fmt, files, _compare(expected, got, runtime, what))
+    return Exported(folder, fmt, files, _compare(expected, got, runtime, what), notes)
 
 
 def _sample_inputs(trained: TrainedRun, n: int) -> tuple[Any, str]:

@@ -4,7 +4,7 @@ Early blocks hold general features (edges, textures, syntax) and stay frozen; th
 the head learn the task. A spec names what trains; it is resolved on the model's `ModelMap` into a
 `FreezePlan` before anything changes, so an invalid spec leaves the model untouched.
 
-The spec forms (head, last:N, from:PATH, none, bitfit, train=/freeze= globs, bn=...) are listed in freeze_spec.py.
+The spec forms (head, last:N, from:PATH, none, bitfit, train=/freeze= globs, lora:..., bn=...) are listed in freeze_spec.py.
 
 `last:N` and `from:PATH` count in forward order, so they see only the entries the example forward pass
 ran (an unused branch, a block skipped by this input): those have no place in that order and get no
@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from frostline.adapters import check_adapters, is_adapter
 from frostline.batches import Batch
 from frostline.errors import FreezeSpecError
 from frostline.freeze_spec import BnPolicy, FreezeSpec
@@ -52,6 +53,9 @@ class FreezePlan:
     entries: tuple[EntryChange, ...]
     held_in_eval: tuple[str, ...] = field(default=())
     """Modules kept in eval mode: fully frozen entries, and (bn=eval) frozen BatchNorm outside them."""
+    adapter_tensors: int = 0
+    """Trainable LoRA adapter tensors (counted in `trainable_tensors` too)."""
+    adapter_params: int = 0
 
     @property
     def tensors(self) -> int:
@@ -80,9 +84,14 @@ class FreezePlan:
     def summary(self) -> str:
         """One line for people: what the spec trains."""
         share = self.trainable_params / self.params if self.params else 0.0
+        adapters = (
+            f"; of them LoRA adapters: {self.adapter_tensors:,d} tensors, {self.adapter_params:,d} parameters"
+            if self.adapter_tensors
+            else ""
+        )
         return (
             f"freeze {self.spec}: {self.trainable_tensors:,d} of {self.tensors:,d} tensors train "
-            f"({self.trainable_params:,d} of {self.params:,d} parameters, {share:.2%})"
+            f"({self.trainable_params:,d} of {self.params:,d} parameters, {share:.2%}){adapters}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,6 +104,8 @@ class FreezePlan:
             "trainable_tensors": self.trainable_tensors,
             "trainable_params": self.trainable_params,
             "held_in_eval": list(self.held_in_eval),
+            "adapter_tensors": self.adapter_tensors,
+            "adapter_params": self.adapter_params,
             "entries": [{k: v for k, v in asdict(e).items() if k != "param_names"} for e in self.entries],
         }
 
@@ -107,6 +118,8 @@ def plan_freeze(model: nn.Module, spec: str | dict[str, Any] | FreezeSpec, model
     """
     spec = FreezeSpec.parse(spec)
     params = dict(model.named_parameters())
+    if spec.mode == "lora":
+        check_adapters(model, spec)
     trainable = _select(spec, model_map, params)
     changes = []
     for entry in model_map.entries:
@@ -126,7 +139,15 @@ def plan_freeze(model: nn.Module, spec: str | dict[str, Any] | FreezeSpec, model
             )
         )
     held = _held_modules(model, model_map, trainable, spec.bn)
-    return FreezePlan(spec=spec, trainable=frozenset(trainable), entries=tuple(changes), held_in_eval=held)
+    adapters = [params[n] for n in trainable if is_adapter(n)]
+    return FreezePlan(
+        spec=spec,
+        trainable=frozenset(trainable),
+        entries=tuple(changes),
+        held_in_eval=held,
+        adapter_tensors=len(adapters),
+        adapter_params=sum(p.numel() for p in adapters),
+    )
 
 
 def freeze(
@@ -289,6 +310,9 @@ def _select(spec: FreezeSpec, model_map: ModelMap, params: dict[str, nn.Paramete
         return set(params)
     if spec.mode == "head":
         return set(model_map.entry(model_map.head).param_names)
+    if spec.mode == "lora":
+        # the adapters and the new head; every weight an adapter adapts stays frozen
+        return {n for n in params if is_adapter(n)} | set(model_map.entry(model_map.head).param_names)
     if spec.mode == "bitfit":
         biases = {n for n in params if n.rsplit(".", 1)[-1] == "bias"}
         if not biases:

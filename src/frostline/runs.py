@@ -11,10 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from frostline.adapters import add_lora
 from frostline.checkpoint import load_weights
 from frostline.config import MAX_WINDOWS, FitConfig
 from frostline.dataset import image_settings, read_text, relabel, validation_subset
-from frostline.errors import ConfigError
+from frostline.errors import ConfigError, FreezeSpecError
+from frostline.freeze_spec import FreezeSpec
 from frostline.run_folder import read_run_config, read_weights
 from frostline.sources import open_model
 from frostline.sources.images import is_image_ref, open_image_data
@@ -155,9 +157,19 @@ def _read_head(folder: Path) -> dict[str, Any]:
     windows = head.get("windows", 1) if isinstance(head, dict) else None
     if not isinstance(windows, int) or isinstance(windows, bool) or not 1 <= windows <= MAX_WINDOWS:
         problems.append(f"windows must be a whole number from 1 to {MAX_WINDOWS}, got {windows!r}")
+    lora = head.get("lora") if isinstance(head, dict) else None
+    if lora is not None and not (isinstance(lora, str) and _is_lora(lora)):
+        problems.append(f"lora must be the spec of the run's adapters (lora:r=...,targets=...), got {lora!r}")
     if problems:
         raise ConfigError(f"{path} does not describe the run's head ({'; '.join(problems)}); restore it from the run")
     return head
+
+
+def _is_lora(text: str) -> bool:
+    try:
+        return FreezeSpec.parse(text).mode == "lora"
+    except FreezeSpecError:
+        return False
 
 
 def load_run(folder: str | Path, trust_code: bool = False) -> TrainedRun:
@@ -180,6 +192,9 @@ def load_run(folder: str | Path, trust_code: bool = False) -> TrainedRun:
     head = _read_head(folder)
     state, note = read_weights(folder, "best.safetensors")
     source = open_model(config.model.ref, num_classes=head["num_classes"])
+    if "lora" in head:
+        # the same adapters the run trained, on the same modules, before their weights are loaded
+        add_lora(source.model, head["lora"], example_batch=source.example_batch)
     load_weights(source.model, state, folder / "best.safetensors")
     source.model.eval()
     return TrainedRun(

@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
             for path in folder.iterdir():
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         raise
+    for note in done.notes:
+        console.print(note, highlight=False, soft_wrap=True)
     console.print(f"wrote {done.folder} ({', '.join(done.files)})", highlight=False, soft_wrap=True)
     console.print(f"checked: {done.checked}", highlight=False, soft_wrap=True)
     return 0

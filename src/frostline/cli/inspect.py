@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from frostline.adapters import adapt_and_map
 from frostline.cli.console import make_console
-from frostline.freeze import freeze
+from frostline.freeze import FreezeSpec, freeze
 from frostline.inspect import inspect_model
 from frostline.report import model_map_table
 from frostline.sources import open_model
@@ -23,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--freeze",
         metavar="SPEC",
-        help="a freeze spec: head, last:N, from:PATH, none, bitfit, train=GLOB,..., freeze=GLOB,...; add ;bn=train to let frozen BatchNorm update",
+        help="a freeze spec: head, last:N, from:PATH, none, bitfit, train=GLOB,..., freeze=GLOB,..., lora[:r=8,alpha=16,dropout=0.05,targets=GLOB,...]; add ;bn=train to let frozen BatchNorm update",
     )
     parser.add_argument("--num-classes", type=int, metavar="N", help="size the head for N classes")
     parser.add_argument("--json", action="store_true", help="print the map (and plan) as JSON")
@@ -33,7 +34,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     console = make_console()
     source = open_model(args.model, args.num_classes)
-    model_map = inspect_model(source.model, source.example_batch)
+    adapters = None
+    if args.freeze and FreezeSpec.parse(args.freeze).mode == "lora":
+        model_map, adapters = adapt_and_map(source.model, source.example_batch, spec=args.freeze)
+        source.notes.append(adapters.describe())
+    else:
+        model_map = inspect_model(source.model, source.example_batch)
     plan = freeze(source.model, args.freeze, model_map) if args.freeze else None
     if args.json:
         payload = {

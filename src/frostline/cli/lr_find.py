@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from frostline.adapters import adapt_and_map
 from frostline.cli.console import make_console
 from frostline.config import FitConfig, StageConfig, apply_overrides, load_config
 from frostline.dataset import prepare_data
 from frostline.errors import ConfigError
-from frostline.inspect import inspect_model
 from frostline.lr_finder import lr_find
 from frostline.optim import adamw
 from frostline.recipe import Recipe
@@ -296,7 +296,9 @@ def run(args: argparse.Namespace) -> int:
         )
     loader = prepared.train_batches(config.data.batch_size, seed=seed)
 
-    model_map = inspect_model(source.model, source.example_batch)
+    model_map, adapters = adapt_and_map(source.model, source.example_batch, [stage])
+    if adapters is not None:
+        console.print(adapters.describe(), highlight=False)
     # the stage as `frostline fit` starts it (freeze, groups, AdamW), its base rate at the sweep's start
     swept = Recipe([dataclasses.replace(stage, lr=args.start_lr)]).start(0, source.model, model_map)
     plan = swept.plan

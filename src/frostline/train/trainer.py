@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from frostline import run_folder
+from frostline.adapters import Adapters, adapt_and_map
 from frostline.batches import TensorBatches, batch_to
 from frostline.checkpoint import (
     atomic_write_text,
@@ -32,7 +33,7 @@ from frostline.dataset import PreparedData, prepare_data
 from frostline.errors import ConfigError, FrostlineError
 from frostline.freeze import FreezePlan, plan_freeze
 from frostline.guard import Finding
-from frostline.inspect import ModelMap, inspect_model
+from frostline.inspect import ModelMap
 from frostline.optim import adamw, group_rates
 from frostline.recipe import EpochRecord, Recipe, Stage, steps_per_epoch
 from frostline.sources import ModelSource, open_model
@@ -136,6 +137,8 @@ class Trainer:
         self.cache_dtype = torch.bfloat16 if config.run.cache_dtype == "bf16" else torch.float32
         self.cache: FeatureCache | None = None
         self.tensorboard: tensorboard.TensorBoardLog | None = None
+        self.adapters: Adapters | None = None
+        """The LoRA adapters added to the model (a recipe with a lora stage), recorded in head.json."""
         self.resized_stage: int | None = None
         """The stage in progress whose number of epochs was changed on resume, if any."""
 
@@ -180,7 +183,13 @@ class Trainer:
             busy = contention_note(other_cpu_cores(since=load_start), torch.get_num_threads(), os.cpu_count() or 1)
         check_windows(self.source.model, self.config.data.windows, self.config.model.ref)
         self.model: nn.Module = self.source.model.to(self.runtime.device)
-        self.model_map: ModelMap = inspect_model(self.model, batch_to(self.source.example_batch, self.runtime.device))
+        # LoRA adapters, when a stage trains them, are part of the model from here on: the map sees them
+        self.model_map: ModelMap
+        self.model_map, self.adapters = adapt_and_map(
+            self.model, batch_to(self.source.example_batch, self.runtime.device), self.config.stages
+        )
+        if self.adapters is not None:
+            self.reporter.note(self.adapters.describe())
         self.recipe.check(self.model, self.model_map)
         self._choose_precision(recorded_runtime, timed=busy is None)
         self.reporter.note(f"device {self.runtime.device}, {self.runtime.reason}")
@@ -568,6 +577,9 @@ class Trainer:
             "max_length": self.config.data.max_length,
             "windows": self.config.data.windows,
         }
+        if self.adapters is not None:
+            # what rebuilds the same adapters before the weights are loaded (frostline.runs.load_run)
+            head["lora"] = self.adapters.record()
         self._write("head.json", json.dumps(head, indent=2))
 
     def _result(self, stop_reason: str, diagnosis: Diagnosis | None, seconds: float) -> FitResult:
