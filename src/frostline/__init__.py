@@ -1,5 +1,6 @@
 """frostline: fine-tune pretrained PyTorch models the way practitioners know works, and prove each step."""
 
+from frostline.adapters import Adapters, add_lora, merge_lora
 from frostline.config import DataConfig, FitConfig, ModelConfig, RunConfig, StageConfig, load_config
 from frostline.errors import (
     ConfigError,
@@ -23,6 +24,7 @@ from frostline.train.trainer import FitResult, Trainer, fit
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adapters",
     "ConfigError",
     "DataConfig",
     "Decision",
@@ -52,6 +54,7 @@ __all__ = [
     "Trainer",
     "ValidationExamples",
     "__version__",
+    "add_lora",
     "build_schedule",
     "check_setup",
     "examples_from_logits",
@@ -61,6 +64,7 @@ __all__ = [
     "load_config",
     "load_model",
     "lr_find",
+    "merge_lora",
     "open_model",
     "param_groups",
     "plan_freeze",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -26,6 +29,7 @@ from frostline.recipe import EpochRecord
 from frostline.report import plot_training, summary_table
 from frostline.train.evidence import binomial_se, count_of, within_noise_of_best
 from frostline.train.monitor import Diagnosis
+from frostline.train.runtime import is_main_process
 from frostline.train.trainer import FitResult, Trainer
 
 
@@ -57,6 +61,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--overwrite",
         action="store_true",
         help="write into a non-empty output folder that is not a frostline run, or replace the run there",
+    )
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="run N processes under torch.distributed (DDP; data.batch_size is per process): the same as "
+        "torchrun --standalone --nproc-per-node N -m frostline fit ...",
     )
     parser.add_argument(
         "--set",
@@ -159,6 +170,8 @@ def build_config(args: argparse.Namespace, base: FitConfig | None = None) -> Fit
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc is not None:
+        return _torchrun(args)
     console = make_console()
     if args.resume:
         if args.output or args.name:
@@ -177,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     except FrostlineError:
-        if trainer.history and trainer.run_dir is not None and trainer.run_dir.is_dir():
+        if trainer.history and trainer.run_dir is not None and trainer.run_dir.is_dir() and is_main_process():
             plot_training(
                 trainer.history,
                 trainer.run_dir / "report.png",
@@ -185,8 +198,27 @@ def run(args: argparse.Namespace) -> int:
                 stop_reason="stopped by an error",
             )
         raise
-    report(console, result)
+    if is_main_process():
+        report(console, result)
     return 0
+
+
+def _torchrun(args: argparse.Namespace) -> int:
+    """`--nproc N`: the same command in N processes under torchrun (torch.distributed.run), on this machine."""
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc is a number of processes >= 1, got {args.nproc}")
+    if "WORLD_SIZE" in os.environ:
+        raise ConfigError("--nproc starts the processes itself; under torchrun leave it out")
+    rest, skip = [], False
+    for arg in args.argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
+    return subprocess.call([*command, "-m", "frostline", *rest])
 
 
 def _uncertainty(result: FitResult) -> str:

@@ -213,13 +213,15 @@ class FeatureCache:
         progress: Callable[[int, int, float], None] | None = None,
         transform: Callable[[Batch, torch.Generator | None], Batch] | None = None,
         ahead: list[Ahead] = (),
+        gather: Callable[[Features], Features] | None = None,
     ) -> tuple[CacheEntry, list[tuple[Ahead, CacheEntry]]]:
         """Features of `model` for `inputs` under `key`: from memory, from disk, or computed now.
 
         A pass made now also keeps the features of `ahead` (later stages' tails) from the same forward pass, under
         their keys, where their entry runs in it and they are not stored yet; those it kept come second, each with
         its entry. `transform` (deterministic: the cache is only valid without augmentation) is applied to each chunk
-        first.
+        first. `gather` (several processes, each passing its share of the examples as `inputs`) joins the processes'
+        features before they are kept, so that every process keeps them all under `key`.
         """
         stored, where = self._stored(key)
         if stored is not None:
@@ -258,11 +260,13 @@ class FeatureCache:
                         placed.put(places, _padded_like(other, chunk))
                 if progress is not None:
                     progress(i + 1, chunks, float("nan"))
+        join = gather or (lambda features: features)
+        joined = join(made.features)
         seconds = time.perf_counter() - start
-        features, where = self._keep(key, made.features)
+        features, where = self._keep(key, joined)
         entries = []
         for a, placed in kept.values():
-            features_a, where_a = self._keep(a.key, placed.features)
+            features_a, where_a = self._keep(a.key, join(placed.features))
             self.origin[a.key] = f"kept by the pass for {tail.describe}"
             entries.append((a, CacheEntry(features_a, 0.0, where_a)))
         return CacheEntry(features, seconds, where + unreadable), entries

@@ -41,6 +41,8 @@ class EpochResult:
     seconds: float
     lr_trace: dict[str, list[float]] = field(default_factory=dict)
     """Learning rate of each group (bias groups left out) at up to 20 evenly spaced steps."""
+    seen: int = 0
+    """Examples the loss and accuracy are averaged over."""
 
 
 def model_forward(model: nn.Module) -> Forward:
@@ -80,7 +82,9 @@ def train_epoch(
     every = max(1, n_batches // (20 * grad_accum))
     trace: dict[str, list[float]] = {}
     optimizer.zero_grad(set_to_none=True)
-    for i, (inputs, labels) in enumerate(batches):
+    for i, batch in enumerate(batches):
+        # a process's shard of a global batch comes with its loss weight (train/distributed.py)
+        inputs, labels, weight = batch if len(batch) == 3 else (*batch, 1.0)
         inputs, labels = batch_to(inputs, runtime.device), labels.to(runtime.device)
         with runtime.autocast():
             logits = forward(inputs)
@@ -88,10 +92,11 @@ def train_epoch(
         value = loss.item()
         if not math.isfinite(value):
             raise NonFiniteLoss(value, i + 1)
-        (loss / grad_accum).backward()
-        total_loss += value * len(labels)
-        correct += (logits.argmax(dim=-1) == labels).sum().item()
-        seen += len(labels)
+        (loss * (weight / grad_accum)).backward()
+        if weight > 0:
+            total_loss += value * len(labels)
+            correct += (logits.argmax(dim=-1) == labels).sum().item()
+            seen += len(labels)
         if (i + 1) % grad_accum == 0 or i + 1 == n_batches:
             if clip_grad is not None:
                 torch.nn.utils.clip_grad_norm_(params, clip_grad)
@@ -103,8 +108,10 @@ def train_epoch(
                 schedule.step()
             steps += 1
         if on_step is not None:
-            on_step(i + 1, n_batches, total_loss / seen)
-    return EpochResult(total_loss / max(seen, 1), correct / max(seen, 1), steps, time.perf_counter() - start, trace)
+            on_step(i + 1, n_batches, total_loss / max(seen, 1))
+    return EpochResult(
+        total_loss / max(seen, 1), correct / max(seen, 1), steps, time.perf_counter() - start, trace, seen
+    )
 
 
 @dataclass

@@ -7,6 +7,7 @@ the run); the trainer adds what only it has: the feature cache, checkpoints and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -39,7 +40,7 @@ from frostline.recipe import EpochRecord, Recipe, Stage, steps_per_epoch
 from frostline.sources import ModelSource, open_model
 from frostline.sources.models import open_preprocess, open_tokenizer
 from frostline.sources.sentence import check_windows
-from frostline.train import tensorboard
+from frostline.train import distributed, tensorboard
 from frostline.train.cache import Ahead, FeatureCache, fingerprint, plan_cache
 from frostline.train.evidence import ValidationExamples, attach_examples, examples_tensors
 from frostline.train.loop import EpochResult, EvalResult, NonFiniteLoss, evaluate, model_forward, train_epoch
@@ -120,7 +121,10 @@ class Trainer:
         data: PreparedData | None = None,
     ):
         self.config = config
-        self.reporter = reporter or SilentReporter()
+        # under torchrun: this process's place among the run's processes (None for one process)
+        self.group, self._made_group = distributed.join(config.run.device)
+        # one process speaks for all: the others would print the same lines
+        self.reporter = (reporter or SilentReporter()) if is_main_process() else SilentReporter()
         self.runtime: Runtime = select_runtime(config.run.device, config.run.precision)
         self.runtime_record: dict[str, Any] | None = None
         """How the precision was chosen (measured timings for `precision: auto` on a CPU), kept in run.json."""
@@ -179,10 +183,17 @@ class Trainer:
         if loss_note:
             self.reporter.note(loss_note)
         busy = None
-        if self.runtime.device.type == "cpu":
+        if self.runtime.device.type == "cpu" and self.group is None:
             busy = contention_note(other_cpu_cores(since=load_start), torch.get_num_threads(), os.cpu_count() or 1)
         check_windows(self.source.model, self.config.data.windows, self.config.model.ref)
         self.model: nn.Module = self.source.model.to(self.runtime.device)
+        self.model, batchnorm = distributed.sync_batchnorm(self.model, self.group, self.runtime.device)
+        if self.group is not None:
+            self.reporter.note(
+                f"torch.distributed: {self.group.world} processes ({self.group.backend}), DistributedDataParallel; "
+                f"batch {self.config.data.batch_size} per process, {self.config.data.batch_size * self.group.world} "
+                "per step" + (f"; {batchnorm}" if batchnorm else "")
+            )
         # LoRA adapters, when a stage trains them, are part of the model from here on: the map sees them
         self.model_map: ModelMap
         self.model_map, self.adapters = adapt_and_map(
@@ -206,16 +217,27 @@ class Trainer:
             self.runtime = Runtime(self.runtime.device, precision, f"{precision}, as chosen when the run started")
             self.runtime_record = recorded
             return
-        size = min(8, self.config.data.batch_size)
-        inputs, _ = next(iter(self.data.train_batches(size, seed=self.config.run.seed)))
-        self.runtime, self.runtime_record = choose_precision(
-            self.runtime,
-            model_forward(self.model),
-            self.model,
-            batch_to(inputs, self.runtime.device),
-            announce=self.reporter.note,
-            measure=timed,
+        if is_main_process():
+            size = min(8, self.config.data.batch_size)
+            inputs, _ = next(iter(self.data.train_batches(size, seed=self.config.run.seed)))
+            self.runtime, self.runtime_record = choose_precision(
+                self.runtime,
+                model_forward(self.model),
+                self.model,
+                batch_to(inputs, self.runtime.device),
+                announce=self.reporter.note,
+                measure=timed,
+            )
+        # every process trains in the precision rank 0 chose (timings differ between processes)
+        precision, reason, self.runtime_record = distributed.broadcast(
+            (self.runtime.precision, self.runtime.reason, self.runtime_record), self.group
         )
+        self.runtime = Runtime(self.runtime.device, precision, reason)
+
+    @property
+    def _world(self) -> int:
+        """How many processes run this recipe."""
+        return self.group.world if self.group is not None else 1
 
     def _write(self, name: str, text: str) -> None:
         if self.run_dir is not None and is_main_process():
@@ -243,16 +265,16 @@ class Trainer:
         folder: Path | None = None
         checkpoint = None
         position = {"stage": 0, "epoch": 0, "done": None}
-        if write:
-            folder = (
-                run_folder.resume_dir(resume)
-                if resume is not None
-                else run_folder.choose_run_dir(self.config, overwrite)
-            )
+        if write and resume is not None:
+            folder = run_folder.resume_dir(resume)
+        elif write and is_main_process():
+            # the other processes of a run never write: they have no run folder of their own
+            folder = run_folder.choose_run_dir(self.config, overwrite)
         if resume is not None:
-            checkpoint = read_checkpoint(folder)
+            # rank 0 first: reading completes a checkpoint a kill cut short; the other processes then read it as it is
+            checkpoint = distributed.first_on_rank0(lambda: read_checkpoint(folder), self.group)
             position = checkpoint["trainer"]["position"]
-            changes = self._check_resume_changes(folder, position)
+            changes = self._check_resume_changes(folder, position, checkpoint["trainer"].get("processes", 1))
         recorded = (run_folder.read_record(folder) or {}).get("runtime") if resume is not None else None
         self._prepare(recorded)
         if write and is_main_process():
@@ -262,7 +284,8 @@ class Trainer:
                 run_folder.record_resumed(
                     folder, f"stage {position['stage'] + 1}, epoch {position['epoch'] + 1}", changes
                 )
-        self.run_dir = folder
+        self.run_dir = folder if is_main_process() else None
+        self._read_dir = folder
         if folder is not None and is_main_process() and self.config.run.tensorboard and tensorboard.available():
             self.reporter.note(f"TensorBoard: each epoch's numbers in {folder / 'tensorboard'} (tensorboard --logdir)")
         try:
@@ -275,6 +298,7 @@ class Trainer:
             if self.tensorboard is not None:
                 self.tensorboard.close()
                 self.tensorboard = None
+            distributed.leave(self._made_group)
 
     def _fit(self, checkpoint: dict[str, Any] | None, position: dict[str, Any], start: float) -> FitResult:
         self.cache = FeatureCache(self.run_dir, self.config.run.cache_memory_mb, self.cache_dtype)
@@ -282,12 +306,14 @@ class Trainer:
             self.history = [EpochRecord.from_dict(r) for r in checkpoint["trainer"]["history"]]
             attach_examples(self.history, checkpoint["examples"])
             self.model.load_state_dict(checkpoint["model"])
-            if (self.run_dir / "best.safetensors").is_file():
-                self.best_state, note = run_folder.read_weights(self.run_dir, "best.safetensors")
+            if (self._read_dir / "best.safetensors").is_file():
+                self.best_state, note = distributed.first_on_rank0(
+                    lambda: run_folder.read_weights(self._read_dir, "best.safetensors"), self.group
+                )
                 if note:
                     self.reporter.note(note)
             self.reporter.note(
-                f"resuming {self.run_dir} at stage {position['stage'] + 1}, epoch {position['epoch'] + 1}"
+                f"resuming {self._read_dir} at stage {position['stage'] + 1}, epoch {position['epoch'] + 1}"
             )
         self._write("config.json", json.dumps(self.config.to_dict(), indent=2))
         self._write("metrics.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in self.history))
@@ -310,13 +336,18 @@ class Trainer:
             self.model.load_state_dict({k: v.to(self.runtime.device) for k, v in self.best_state.items()})
         return self._result(stop_reason, diagnosis, time.perf_counter() - start)
 
-    def _check_resume_changes(self, folder: Path, position: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    def _check_resume_changes(
+        self, folder: Path, position: dict[str, Any], processes: int = 1
+    ) -> list[tuple[str, Any, Any]]:
         """The settings changed since the run was started, when all are safe to change now.
 
         Safe by construction: anything about stages that have not begun (more epochs, another rate, another
         spec, added stages), how the run uses the machine (threads, the cache's memory budget), and the number of
         epochs of the stage in progress (not fewer than it has run): its schedule is rebuilt for the new length and
-        continues from the step reached. Anything else would change what the run has already done.
+        continues from the step reached. Another number of processes than the run's `processes` is safe too: the
+        stage in progress continues from the epochs it has done, at as many steps per epoch as the new global batch
+        (batch size x processes) gives; `data.batch_size` may change with it when the global batch stays the same.
+        Anything else would change what the run has already done.
 
         Raises:
             ConfigError: listing each unsafe change with its old and new value.
@@ -325,9 +356,22 @@ class Trainer:
         saved = with_resolved_paths(run_folder.read_run_config(folder, trust_code=True))
         changes = [c for c in config_changes(saved, self.config) if c[0] not in ("run.output", "run.name")]
         begun = position["stage"] + (1 if position["epoch"] > 0 else 0)
-        unsafe = [c for c in changes if not _safe_change(c, position)]
-        if position["epoch"] > 0 and any(c[0] == f"stages.{position['stage']}.epochs" for c in changes):
+        world = self.group.world if self.group is not None else 1
+        same_global_batch = saved.data.batch_size * processes == self.config.data.batch_size * world
+        moved = processes != world
+        unsafe = [
+            c
+            for c in changes
+            if not (_safe_change(c, position) or (c[0] == "data.batch_size" and moved and same_global_batch))
+        ]
+        resized = any(c[0] == f"stages.{position['stage']}.epochs" for c in changes)
+        if position["epoch"] > 0 and (resized or moved):
             self.resized_stage = position["stage"]
+        if moved:
+            self.reporter.note(
+                f"resume: {world} process(es) instead of {processes}: a global batch of "
+                f"{self.config.data.batch_size * world} examples per step (was {saved.data.batch_size * processes})"
+            )
         if unsafe:
             lines = [f"  {key}: {old!r} -> {new!r}" for key, old, new in unsafe]
             raise ConfigError(
@@ -350,7 +394,8 @@ class Trainer:
         # the history up to the stage's start: a stage resumed mid-way has records of its own already
         stage = self.recipe.start(index, self.model, self.model_map, self.history[: len(self.history) - first_epoch])
         optimizer = adamw(stage.groups)
-        batches = self.data.train_batches(self.config.data.batch_size, seed=self.config.run.seed + index)
+        # one global batch per step: batch_size examples for each process (each trains on its shard of it)
+        batches = self.data.train_batches(self.config.data.batch_size * self._world, seed=self.config.run.seed + index)
         per_epoch = steps_per_epoch(len(batches), self.config.run.grad_accum)
         schedule = stage.schedule(optimizer, per_epoch)
         findings = stage.attach(optimizer)
@@ -358,7 +403,10 @@ class Trainer:
         if checkpoint is not None and checkpoint["optimizer"] is not None and first_epoch > 0:
             if index == self.resized_stage:
                 # the stage's length changed on resume: its schedule is the one for the new length, at the step reached
-                rates = _advance(schedule, int(checkpoint["schedule"].get("last_epoch", first_epoch * per_epoch)))
+                done = checkpoint["schedule"].get("last_epoch", first_epoch * per_epoch)
+                if checkpoint["trainer"].get("processes", 1) != self._world:
+                    done = first_epoch * per_epoch  # the epochs done, at this run's steps per epoch
+                rates = _advance(schedule, int(done))
                 optimizer.load_state_dict(checkpoint["optimizer"])
                 for group, rate in zip(optimizer.param_groups, rates, strict=True):
                     group["lr"] = rate
@@ -372,16 +420,24 @@ class Trainer:
             if first_epoch > 0:
                 batches.generator.set_state(checkpoint["rng"]["batches"])
             torch.set_rng_state(checkpoint["rng"]["torch"])
+            if self.group is not None and self.group.rank > 0:
+                # the checkpoint holds rank 0's generator; the other processes draw their own dropout masks
+                torch.manual_seed(self.config.run.seed + 7919 * self.group.rank + len(self.history))
         trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # several processes: DDP over the trainable part, each process on its shard of every global batch
+        train_forward = distributed.data_parallel(
+            forward, modules, self.model, set(self.model_map.call_order), self.group
+        )
+        train_batches = distributed.ShardedBatches(batches, self.group) if self.group is not None else batches
         decision = None
         for epoch in range(first_epoch, stage.config.epochs):
             self.model.train()
             self.reporter.epoch_start(stage.config, len(self.history) + 1, len(batches))
             try:
                 result = train_epoch(
-                    forward,
+                    train_forward,
                     trainable,
-                    batches,
+                    train_batches,
                     optimizer,
                     schedule,
                     self.runtime,
@@ -395,7 +451,8 @@ class Trainer:
                     f"stage {stage.config.name!r}, epoch {len(self.history) + 1}: {err}"
                     + (f"; checkpoint and best weights in {self.run_dir} are from before it" if self.run_dir else "")
                 ) from err
-            evaluation = evaluate(forward, val_batches, self.runtime, modules)
+            result = self._summed(result)
+            evaluation = self._gathered(evaluate(forward, val_batches, self.runtime, modules))
             record = self._record(stage, epoch, result, evaluation, optimizer)
             record.cache = cached["what"]
             record.cache_seconds = round(cached["seconds"], 3) if epoch == first_epoch else 0.0
@@ -431,7 +488,7 @@ class Trainer:
         frozen part once. Cached batches are shuffled by a generator seeded like the plain ones, so both see the
         same order.
         """
-        val_batches = self.data.val_batches(self.config.data.eval_batch_size)
+        val_batches = distributed.shard_batches(self.data.val_batches(self.config.data.eval_batch_size), self.group)
         plain = (model_forward(self.model), [self.model], batches, val_batches, {"what": None, "seconds": 0.0})
         tail = plan_cache(self.config.run.cache, self.model, self.model_map, plan, self.data.augment)
         if isinstance(tail, str):
@@ -447,8 +504,12 @@ class Trainer:
                 ("train", self.data.train_inputs, self.data.train_transform, self.data.train_labels),
                 ("val", self.data.val_inputs, self.data.val_transform, self.data.val_labels),
             ):
+                # several processes: each runs the frozen part on its share of the examples, then all are gathered
+                shared = self.group is not None and len(labels) >= self._world
+                if shared:
+                    inputs = distributed.shard_inputs(inputs, self.group)
                 label = f"caching {tail.describe}" if split == "train" else "caching validation"
-                self.reporter.progress_start(label, math.ceil(len(labels) / size))
+                self.reporter.progress_start(label, math.ceil(len(labels) / self._world / size))
                 splits[split] = self.cache.get(
                     self.model,
                     tail,
@@ -459,6 +520,7 @@ class Trainer:
                     self.reporter.step,
                     transform,
                     [Ahead(a.tail, f"{a.key}-{split}", a.for_whom) for a in ahead],
+                    gather=(lambda features: distributed.gather(features, self.group)) if shared else None,
                 )
         except ValueError as err:
             self.reporter.note(f"feature cache: off: {err}")
@@ -491,7 +553,9 @@ class Trainer:
             forward,
             tail.modules,
             cached_batches,
-            TensorBatches(val.features, self.data.val_labels, self.config.data.eval_batch_size),
+            distributed.shard_batches(
+                TensorBatches(val.features, self.data.val_labels, self.config.data.eval_batch_size), self.group
+            ),
             {"what": tail.describe, "seconds": seconds},
         )
 
@@ -527,6 +591,35 @@ class Trainer:
                 ahead.append(Ahead(tail, later_key, f"stage {later.name!r}"))
         return ahead
 
+    def _summed(self, result: EpochResult) -> EpochResult:
+        """The epoch's training loss and accuracy over every process's shards (the process's own for one)."""
+        if self.group is None:
+            return result
+        loss, correct, seen = distributed.sum_over(
+            [result.loss * result.seen, result.accuracy * result.seen, result.seen], self.group
+        )
+        return dataclasses.replace(result, loss=loss / max(seen, 1), accuracy=correct / max(seen, 1), seen=int(seen))
+
+    def _gathered(self, evaluation: EvalResult) -> EvalResult:
+        """Every process's validation results joined in the examples' order: each process then holds them all, and
+        the stage engine decides the same in each."""
+        if self.group is None:
+            return evaluation
+        losses, correct, predictions, probabilities = (
+            distributed.gather(t, self.group)
+            for t in (evaluation.losses, evaluation.correct, evaluation.predictions, evaluation.probabilities)
+        )
+        seen = max(len(losses), 1)
+        return EvalResult(
+            losses.double().sum().item() / seen,
+            correct.sum().item() / seen,
+            predictions,
+            probabilities,
+            evaluation.seconds,
+            losses,
+            correct,
+        )
+
     def _record(self, stage: Stage, epoch: int, result: EpochResult, evaluation: EvalResult, optimizer) -> EpochRecord:
         return stage.record(
             self.history,
@@ -546,7 +639,7 @@ class Trainer:
         if self.run_dir is None or not is_main_process():
             return
         rng = {"torch": torch.get_rng_state(), "batches": generator.get_state()}
-        state = {"position": position, "history": [r.to_dict() for r in self.history]}
+        state = {"position": position, "history": [r.to_dict() for r in self.history], "processes": self._world}
         save_checkpoint(self.run_dir, self.model, optimizer, schedule, rng, state, examples_tensors(self.history))
         with (self.run_dir / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(self.history[-1].to_dict()) + "\n")

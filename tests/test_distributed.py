@@ -1,0 +1,160 @@
+"""Two processes under torch.distributed (gloo, CPU) train the same recipe as one process with twice the batch.
+
+Each test starts 2 real processes (torch.multiprocessing.spawn) that join a gloo process group the way torchrun's
+environment describes it, and run frostline's Trainer on the digits task.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import tiny_task
+from frostline.config import DataConfig, FitConfig, RunConfig, StageConfig
+from frostline.dataset import PreparedData
+from frostline.sources import ModelSource
+from frostline.train.trainer import Trainer
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="this torch build has no torch.distributed with gloo",
+)
+
+BATCH = 16
+"""Per process; the single process runs with 2 x BATCH."""
+
+
+class _Net(nn.Module):
+    """An MLP with blocks, no dropout (the processes' dropout masks could not match one process's), and a trainable
+    module the forward pass never runs (DDP must be told to leave it out, not to search for unused tensors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(64, 48)
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(48, 48), nn.ReLU()) for _ in range(3)])
+        self.spare = nn.Linear(48, 48)
+        self.head = nn.Linear(48, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(torch.relu(self.stem(x))))
+
+
+def _net():
+    torch.manual_seed(0)
+    return _Net()
+
+
+def _data():
+    made = tiny_task.data()
+    (tx, ty), (vx, vy) = made["train"], made["val"]
+    return PreparedData(tx, ty, vx, vy, made["label_names"], origin="digits")
+
+
+STAGES = [
+    StageConfig(name="head", freeze="head", epochs=2, lr=1e-2),
+    StageConfig(name="last2", freeze="last:2", epochs=2, lr=2e-3, head_lr_mult=2, layer_decay=0.8),
+    # the spare block trains by name but never runs: DDP must leave it out, not wait for its gradient
+    StageConfig(name="blocks", freeze="train=blocks.*,spare,head", epochs=2, lr=5e-4),
+]
+
+
+def _config(batch, output=None, cache="auto"):
+    run = RunConfig(cache=cache, patience=9, precision="fp32", tensorboard=False, output=output)
+    return FitConfig(data=DataConfig(batch_size=batch), stages=STAGES, run=run)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Crash(Exception):
+    pass
+
+
+def _worker(rank, world, port, folder, cache, crash_after):
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    if crash_after:
+        save = Trainer._save
+        calls = {"n": 0}
+
+        def crashing(self, *args, **kwargs):
+            save(self, *args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == crash_after:
+                raise _Crash  # in every process at once, after the checkpoint of that epoch
+
+        Trainer._save = crashing
+    # rank 1 is given a folder of its own: frostline must not write it (rank 0 writes the run folder)
+    output = str(folder / ("run" if rank == 0 else "rank1-run"))
+    trainer = Trainer(
+        _config(BATCH, output, cache), source=ModelSource("py:test", _net(), torch.zeros(2, 64), True), data=_data()
+    )
+    try:
+        result = trainer.fit()
+    except _Crash:
+        return
+    state = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    accuracies = [r.val_accuracy for r in result.history]
+    torch.save({"state": state, "accuracies": accuracies}, folder / f"rank{rank}.pt")
+
+
+def _two_processes(folder, cache="auto", crash_after=0):
+    mp.spawn(_worker, args=(2, _free_port(), folder, cache, crash_after), nprocs=2, join=True)
+
+
+def _one_process(batch, folder=None, cache="auto", resume=None):
+    trainer = Trainer(
+        _config(batch, str(folder) if folder else None, cache),
+        source=ModelSource("py:test", _net(), torch.zeros(2, 64), True),
+        data=_data(),
+    )
+    result = trainer.fit(resume=resume, write=folder is not None or resume is not None)
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, result
+
+
+# Tolerance: the processes' gradients are the same sums in another order (each shard's mean, weighted, then DDP's
+# all-reduce), so the two runs differ by float32 rounding, about 1e-7 relative per step; 12 epochs of AdamW steps
+# (which divide by the root of small second moments) grow it to the 1e-6 seen here, well inside 1e-4.
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+
+
+@pytest.mark.parametrize("cache", ["auto", "off"])
+def test_two_processes_with_batch_b_train_the_weights_of_one_with_batch_2b(tmp_path, cache):
+    _two_processes(tmp_path, cache)
+    one, result = _one_process(2 * BATCH, cache=cache)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    # DDP keeps the replicas identical, and every process recorded the same history
+    for name, tensor in ranks[0]["state"].items():
+        assert torch.equal(tensor, ranks[1]["state"][name]), name
+    assert ranks[0]["accuracies"] == ranks[1]["accuracies"]
+    assert ranks[0]["accuracies"] == pytest.approx([r.val_accuracy for r in result.history], abs=1e-9)
+    for name, tensor in one.items():
+        torch.testing.assert_close(ranks[0]["state"][name], tensor, **TOLERANCE, msg=name)
+    # frozen in every stage: the stem; trainable but never run: the spare block; on every rank, bit-identical
+    original = dict(_net().named_parameters())
+    for rank in ranks:
+        for name in ("stem.weight", "stem.bias", "spare.weight", "spare.bias"):
+            assert torch.equal(rank["state"][name], original[name]), name
+    assert not torch.equal(ranks[0]["state"]["blocks.2.0.weight"], original["blocks.2.0.weight"])
+    # only rank 0 writes: rank 1's folder was never made
+    assert (tmp_path / "run" / "best.safetensors").is_file()
+    assert not (tmp_path / "rank1-run").exists()
+
+
+def test_a_two_process_run_resumes_in_one_process(tmp_path):
+    # killed in both processes after the checkpoint of epoch 3 (stage last2, its first epoch)
+    _two_processes(tmp_path, crash_after=3)
+    assert (tmp_path / "run" / "checkpoint").is_dir() and not (tmp_path / "rank1-run").exists()
+    resumed, result = _one_process(2 * BATCH, resume=tmp_path / "run")
+    assert [r.epoch for r in result.history] == list(range(1, 7))
+    uninterrupted, _ = _one_process(2 * BATCH)
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, **TOLERANCE, msg=name)
