@@ -302,6 +302,9 @@ class Trainer:
 
     def _fit(self, checkpoint: dict[str, Any] | None, position: dict[str, Any], start: float) -> FitResult:
         self.cache = FeatureCache(self.run_dir, self.config.run.cache_memory_mb, self.cache_dtype)
+        if self.group is not None and self.group.rank > 0 and checkpoint is None:
+            # the model was made from the run's seed in every process; from here each draws its own dropout masks
+            torch.manual_seed(self.config.run.seed + 7919 * self.group.rank)
         if checkpoint is not None:
             self.history = [EpochRecord.from_dict(r) for r in checkpoint["trainer"]["history"]]
             attach_examples(self.history, checkpoint["examples"])
