@@ -158,3 +158,35 @@ def test_a_two_process_run_resumes_in_one_process(tmp_path):
     uninterrupted, _ = _one_process(2 * BATCH)
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, **TOLERANCE, msg=name)
+
+
+@pytest.mark.parametrize("class_weight", [None, torch.tensor([0.5, 2.0, 1.0, 3.0])])
+@pytest.mark.parametrize("n", [7, 32, 1])
+def test_the_shards_weighted_losses_average_to_the_global_batchs_loss(class_weight, n):
+    from frostline.batches import TensorBatches
+    from frostline.train.distributed import Group, ShardedBatches
+
+    generator = torch.Generator().manual_seed(n)
+    logits, labels = torch.randn(n, 4, generator=generator), torch.randint(0, 4, (n,), generator=generator)
+    batches = TensorBatches(logits, labels, batch_size=n)
+
+    def loss(x, y):
+        return torch.nn.functional.cross_entropy(x, y, weight=class_weight, label_smoothing=0.1)
+
+    shards = [next(iter(ShardedBatches(batches, Group(rank, 3, rank, "gloo"), class_weight))) for rank in range(3)]
+    # what DDP computes: the mean over the processes of each one's weighted shard loss
+    averaged = sum(weight * loss(x, y) for x, y, weight in shards) / 3
+    torch.testing.assert_close(averaged, loss(logits, labels))
+
+
+def test_nproc_runs_the_same_command_under_torchrun(monkeypatch):
+    import subprocess
+
+    from frostline.cli.main import main
+
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda command: calls.append(command) or 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["fit", "x.yaml", "--np", "2", "--set", "run.seed=1"]) == 0
+    assert calls[0][1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert calls[0][5:] == ["-m", "frostline", "fit", "x.yaml", "--set", "run.seed=1"]

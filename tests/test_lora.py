@@ -101,11 +101,17 @@ def _cnn():
 @pytest.mark.parametrize(
     "factory, targets, chosen_by",
     [
-        (tiny_bert, [f"bert.encoder.layer.{i}.attention.self.{n}" for i in range(4) for n in ("query", "value")],
-         "peft's targets for bert"),
+        (
+            tiny_bert,
+            [f"bert.encoder.layer.{i}.attention.self.{n}" for i in range(4) for n in ("query", "value")],
+            "peft's targets for bert",
+        ),
         # transformers 5 names ViT's projections q_proj/v_proj, which peft's mapping for vit (query, value) misses
-        (tiny_vit, [f"vit.layers.{i}.attention.{n}" for i in range(4) for n in ("q_proj", "v_proj")],
-         "the attention projections in 4 blocks"),
+        (
+            tiny_vit,
+            [f"vit.layers.{i}.attention.{n}" for i in range(4) for n in ("q_proj", "v_proj")],
+            "the attention projections in 4 blocks",
+        ),
         (_timm_like, [f"blocks.{i}.qkv" for i in range(3)], "the attention projections in 3 blocks"),
         (_cnn, [f"blocks.{i}.0" for i in range(3)], "every ungrouped Conv2d in 3 blocks"),
     ],
@@ -312,3 +318,38 @@ def test_a_lora_run_resumes_with_its_adapters_and_ends_where_an_uninterrupted_on
     assert resumed.adapters.modules == ("5",)
     for (name, p), q in zip(resumed.model.named_parameters(), uninterrupted.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_target_that_names_a_parent_module_plans_as_it_was_added():
+    model, batch = tiny_bert()
+    model_map, adapters = adapt_and_map(model, batch, spec="lora:r=2,targets=attention")
+    assert "bert.encoder.layer.0.attention.output.dense" in adapters.modules
+    plan = plan_freeze(model, "lora:r=2,targets=attention", model_map)
+    assert plan.adapter_tensors == adapters.tensors
+
+
+def test_resuming_with_other_adapters_is_refused_before_anything_loads(tmp_path):
+    made = tiny_task.data()
+    (tx, ty), (vx, vy) = made["train"], made["val"]
+
+    def trainer(stages, reporter=None):
+        config = FitConfig(
+            data=DataConfig(batch_size=32),
+            stages=stages,
+            run=RunConfig(patience=5, precision="fp32", output=str(tmp_path / "run"), tensorboard=False),
+        )
+        data = PreparedData(tx, ty, vx, vy, made["label_names"], origin="digits")
+        return Trainer(config, reporter, ModelSource("py:test", _sequential(), torch.zeros(2, 64), True), data)
+
+    # killed in the lora stage, then resumed with other adapters for a stage not begun yet (safe for any other spec)
+    three = [*STAGES, StageConfig(name="more", freeze="lora:r=4,dropout=0,targets=5", epochs=1, lr=1e-3)]
+    with pytest.raises(_Interrupt):
+        trainer(three, _StopsInLora()).fit(overwrite=True)
+    other = [*STAGES, StageConfig(name="more", freeze="lora:r=2,dropout=0,targets=5", epochs=1, lr=1e-3)]
+    with pytest.raises(ConfigError, match="stages 'lora' and 'more' ask for different LoRA adapters"):
+        trainer(other).fit(resume=tmp_path / "run")
+    # a run without adapters, resumed with a lora stage added after it
+    with pytest.raises(_Interrupt):
+        trainer([STAGES[0], StageConfig(name="lora", freeze="head", epochs=3)], _StopsInLora()).fit(overwrite=True)
+    with pytest.raises(ConfigError, match="the run's model carries no LoRA adapters, and this config's stages make"):
+        trainer([STAGES[0], StageConfig(name="lora", freeze="head", epochs=3), STAGES[1]]).fit(resume=tmp_path / "run")

@@ -261,7 +261,9 @@ def check_adapters(model: nn.Module, spec: FreezeSpec) -> None:
                 f"asks r={spec.r}, alpha={spec.alpha:g}, dropout={spec.dropout:g}"
             )
             break
-    missed = [g for g in spec.globs if not any(_names(g, p) for p in carried)]
+    paths = [p for p, _ in model.named_modules() if p]
+    # a pattern may name a module whose layers carry the adapters (targets=attention)
+    missed = [g for g in spec.globs if not any(_under(c, p) for p in paths if _names(g, p) for c in carried)]
     if missed:
         problems.append(f"targets {', '.join(missed)} match none of the modules that carry adapters")
     if problems:

@@ -211,11 +211,14 @@ def _torchrun(args: argparse.Namespace) -> int:
         raise ConfigError("--nproc starts the processes itself; under torchrun leave it out")
     rest, skip = [], False
     for arg in args.argv:
+        name, equals, _ = arg.partition("=")
+        # --nproc, or an abbreviation argparse accepted (--npro)
+        ours = len(name) >= 4 and "--nproc".startswith(name)
         if skip:
             skip = False
-        elif arg == "--nproc":
+        elif ours and not equals:
             skip = True
-        elif not arg.startswith("--nproc="):
+        elif not ours:
             rest.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
     return subprocess.call([*command, "-m", "frostline", *rest])

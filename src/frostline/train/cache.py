@@ -213,7 +213,7 @@ class FeatureCache:
         progress: Callable[[int, int, float], None] | None = None,
         transform: Callable[[Batch, torch.Generator | None], Batch] | None = None,
         ahead: list[Ahead] = (),
-        gather: Callable[[Features], Features] | None = None,
+        gather: Callable[[dict[str, Features]], dict[str, Features]] | None = None,
     ) -> tuple[CacheEntry, list[tuple[Ahead, CacheEntry]]]:
         """Features of `model` for `inputs` under `key`: from memory, from disk, or computed now.
 
@@ -221,7 +221,8 @@ class FeatureCache:
         their keys, where their entry runs in it and they are not stored yet; those it kept come second, each with
         its entry. `transform` (deterministic: the cache is only valid without augmentation) is applied to each chunk
         first. `gather` (several processes, each passing its share of the examples as `inputs`) joins the processes'
-        features before they are kept, so that every process keeps them all under `key`.
+        features, every set of the pass by its key at once, before they are kept, so that every process keeps them all
+        (it may leave out a later stage's set that another process did not make).
         """
         stored, where = self._stored(key)
         if stored is not None:
@@ -260,13 +261,16 @@ class FeatureCache:
                         placed.put(places, _padded_like(other, chunk))
                 if progress is not None:
                     progress(i + 1, chunks, float("nan"))
-        join = gather or (lambda features: features)
-        joined = join(made.features)
+        made_now = {key: made.features} | {a.key: placed.features for a, placed in kept.values()}
+        if gather is not None:
+            made_now = gather(made_now)
         seconds = time.perf_counter() - start
-        features, where = self._keep(key, joined)
+        features, where = self._keep(key, made_now[key])
         entries = []
-        for a, placed in kept.values():
-            features_a, where_a = self._keep(a.key, join(placed.features))
+        for a, _ in kept.values():
+            if a.key not in made_now:
+                continue
+            features_a, where_a = self._keep(a.key, made_now[a.key])
             self.origin[a.key] = f"kept by the pass for {tail.describe}"
             entries.append((a, CacheEntry(features_a, 0.0, where_a)))
         return CacheEntry(features, seconds, where + unreadable), entries

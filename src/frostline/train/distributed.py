@@ -134,6 +134,29 @@ def gather(value: Any, group: Group | None) -> Any:
     return torch.cat([part[:count].to(value.device) for part, count in zip(parts, counts, strict=True)])
 
 
+class FailedElsewhere(ValueError):
+    """Another process could not make its part of the feature cache; every process trains without it."""
+
+
+def gather_agreed(outputs: dict[str, Any] | None, group: Group) -> dict[str, Any]:
+    """Join the processes' parts of several named feature sets, after agreeing on which every process made.
+
+    Every process calls this once per cache pass, also one whose pass failed (`outputs` None): the processes then
+    make the same number of gathers in the same order, or none.
+
+    Raises:
+        FailedElsewhere: some process's pass failed (the others learn it here).
+    """
+    made: list[Any] = [None] * group.world
+    dist.all_gather_object(made, sorted(outputs) if outputs is not None else None)
+    if outputs is None:
+        return {}
+    if any(keys is None for keys in made):
+        raise FailedElsewhere("another process could not cache its share of the examples")
+    common = [k for k in made[0] if all(k in keys for keys in made)]
+    return {k: gather(outputs[k], group) for k in common}
+
+
 def _device(group: Group) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if group.backend == "nccl" else torch.device("cpu")
 
@@ -161,13 +184,15 @@ class ShardedBatches:
     """Global batches of B x N examples, in the order one process would see them, each cut to this rank's shard.
 
     Yields (inputs, labels, weight): `weight` scales the shard's mean loss so that the average over the processes is
-    the global batch's mean loss (N x shard size / global size). A rank whose shard is empty (a last batch with fewer
-    examples than processes) gets one example at weight 0: it must still join the gradient all-reduce.
+    the global batch's mean loss: N x the shard's share of the batch's examples, or with class weights (a loss that
+    divides by the sum of its examples' class weights) of that sum. A rank whose shard is empty (a last batch with
+    fewer examples than processes) gets one example at weight 0: it must still join the gradient all-reduce.
     """
 
-    def __init__(self, batches: TensorBatches, group: Group):
+    def __init__(self, batches: TensorBatches, group: Group, class_weight: torch.Tensor | None = None):
         self.batches = batches
         self.group = group
+        self.class_weight = class_weight
 
     @property
     def generator(self) -> torch.Generator:
@@ -189,7 +214,11 @@ class ShardedBatches:
         for inputs, labels in self.batches:
             n = len(labels)
             lo, hi = self.group.shard(n)
-            weight = (hi - lo) * world / n
+            if self.class_weight is None:
+                weight = (hi - lo) * world / n
+            else:
+                each = self.class_weight[labels]
+                weight = float(world * each[lo:hi].sum() / each.sum())
             if hi == lo:
                 lo, hi = 0, 1
             part = {k: v[lo:hi] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[lo:hi]
@@ -254,6 +283,16 @@ def first_on_rank0(read: Callable[[], Any], group: Group | None) -> Any:
         return value
     dist.barrier()
     return read()
+
+
+def broadcast_buffers(model: nn.Module, group: Group | None) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) in every process, as DDP does before each training forward:
+    each process's last step updated its own, and validation must read one model's."""
+    if group is None:
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.broadcast(buffer.data, src=0)
 
 
 def sync_batchnorm(model: nn.Module, group: Group | None, device: torch.device) -> tuple[nn.Module, str | None]:

@@ -92,7 +92,7 @@ def train_epoch(
         value = loss.item()
         if not math.isfinite(value):
             raise NonFiniteLoss(value, i + 1)
-        (loss * (weight / grad_accum)).backward()
+        (loss * weight / grad_accum).backward()
         if weight > 0:
             total_loss += value * len(labels)
             correct += (logits.argmax(dim=-1) == labels).sum().item()

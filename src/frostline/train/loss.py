@@ -39,4 +39,5 @@ def training_loss(
         w = weight.to(logits.device) if weight is not None else None
         return F.cross_entropy(logits.float(), targets, weight=w, label_smoothing=label_smoothing)
 
+    loss.class_weight = weight  # type: ignore[attr-defined]  # how shards of a batch weigh their means (distributed)
     return loss, note if parts else None

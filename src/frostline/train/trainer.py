@@ -173,6 +173,12 @@ class Trainer:
             self.source = open_model(self.config.model.ref, num_classes=len(self.data.label_names))
         for note in self.source.notes + self.data.notes:
             self.reporter.note(note)
+        if self.group is not None and min(len(self.data.train_labels), len(self.data.val_labels)) < self.group.world:
+            raise ConfigError(
+                f"{self.group.world} processes split the training and validation examples between them, and the data "
+                f"has {len(self.data.train_labels)} training and {len(self.data.val_labels)} validation examples; "
+                "run fewer processes than either"
+            )
         self.reporter.note(self.data.describe())
         self.loss_fn, loss_note = training_loss(
             self.config.run.class_weights,
@@ -226,7 +232,8 @@ class Trainer:
                 self.model,
                 batch_to(inputs, self.runtime.device),
                 announce=self.reporter.note,
-                measure=timed,
+                # the other processes are loading or waiting meanwhile: only a timing cached before decides
+                measure=timed and self.group is None,
             )
         # every process trains in the precision rank 0 chose (timings differ between processes)
         precision, reason, self.runtime_record = distributed.broadcast(
@@ -277,6 +284,8 @@ class Trainer:
             changes = self._check_resume_changes(folder, position, checkpoint["trainer"].get("processes", 1))
         recorded = (run_folder.read_record(folder) or {}).get("runtime") if resume is not None else None
         self._prepare(recorded)
+        if resume is not None:
+            self._check_resumed_adapters(folder)
         if write and is_main_process():
             if resume is None:
                 run_folder.start(folder, self.runtime_record)
@@ -301,7 +310,10 @@ class Trainer:
             distributed.leave(self._made_group)
 
     def _fit(self, checkpoint: dict[str, Any] | None, position: dict[str, Any], start: float) -> FitResult:
-        self.cache = FeatureCache(self.run_dir, self.config.run.cache_memory_mb, self.cache_dtype)
+        # several processes keep the cache in memory, each all of it: a file only rank 0 could write and read would
+        # let the processes disagree on what is cached
+        folder = self.run_dir if self.group is None else None
+        self.cache = FeatureCache(folder, self.config.run.cache_memory_mb, self.cache_dtype)
         if self.group is not None and self.group.rank > 0 and checkpoint is None:
             # the model was made from the run's seed in every process; from here each draws its own dropout masks
             torch.manual_seed(self.config.run.seed + 7919 * self.group.rank)
@@ -339,6 +351,25 @@ class Trainer:
             self.model.load_state_dict({k: v.to(self.runtime.device) for k, v in self.best_state.items()})
         return self._result(stop_reason, diagnosis, time.perf_counter() - start)
 
+    def _check_resumed_adapters(self, folder: Path) -> None:
+        """A resumed run's model must carry the adapters its checkpoint was trained with.
+
+        Raises:
+            ConfigError: the config asks for other LoRA adapters (or none, or some where the run had none).
+        """
+        path = folder / "head.json"
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8")).get("lora") if path.is_file() else None
+        except (OSError, ValueError, AttributeError) as err:
+            raise ConfigError(f"{path} is damaged: {err}") from err
+        now = self.adapters.record() if self.adapters is not None else None
+        if recorded != now:
+            raise ConfigError(
+                f"--resume {folder}: the run's model carries {recorded or 'no LoRA adapters'}, and this config's "
+                f"stages make {now or 'none'}; the checkpoint's weights fit only the run's own: keep its lora "
+                "stages' options (and add no lora stage to a run that had none)"
+            )
+
     def _check_resume_changes(
         self, folder: Path, position: dict[str, Any], processes: int = 1
     ) -> list[tuple[str, Any, Any]]:
@@ -375,6 +406,7 @@ class Trainer:
                 f"resume: {world} process(es) instead of {processes}: a global batch of "
                 f"{self.config.data.batch_size * world} examples per step (was {saved.data.batch_size * processes})"
             )
+
         if unsafe:
             lines = [f"  {key}: {old!r} -> {new!r}" for key, old, new in unsafe]
             raise ConfigError(
@@ -389,7 +421,7 @@ class Trainer:
             )
         for key, old, new in changes:
             self.reporter.note(f"resume: {key} changed from {old!r} to {new!r} (recorded in run.json)")
-        return changes
+        return changes + ([("processes", processes, world)] if moved else [])
 
     def _run_stage(
         self, index: int, first_epoch: int, checkpoint: dict[str, Any] | None
@@ -431,7 +463,11 @@ class Trainer:
         train_forward = distributed.data_parallel(
             forward, modules, self.model, set(self.model_map.call_order), self.group
         )
-        train_batches = distributed.ShardedBatches(batches, self.group) if self.group is not None else batches
+        train_batches = (
+            distributed.ShardedBatches(batches, self.group, getattr(self.loss_fn, "class_weight", None))
+            if self.group is not None
+            else batches
+        )
         decision = None
         for epoch in range(first_epoch, stage.config.epochs):
             self.model.train()
@@ -455,6 +491,8 @@ class Trainer:
                     + (f"; checkpoint and best weights in {self.run_dir} are from before it" if self.run_dir else "")
                 ) from err
             result = self._summed(result)
+            # BatchNorm statistics: each process's last step moved its own; validation reads rank 0's, as DDP does
+            distributed.broadcast_buffers(self.model, self.group)
             evaluation = self._gathered(evaluate(forward, val_batches, self.runtime, modules))
             record = self._record(stage, epoch, result, evaluation, optimizer)
             record.cache = cached["what"]
@@ -523,9 +561,12 @@ class Trainer:
                     self.reporter.step,
                     transform,
                     [Ahead(a.tail, f"{a.key}-{split}", a.for_whom) for a in ahead],
-                    gather=(lambda features: distributed.gather(features, self.group)) if shared else None,
+                    gather=(lambda made: distributed.gather_agreed(made, self.group)) if shared else None,
                 )
         except ValueError as err:
+            if shared and not isinstance(err, distributed.FailedElsewhere):
+                # the others wait to gather this process's share: tell them it failed, so that all train without
+                distributed.gather_agreed(None, self.group)
             self.reporter.note(f"feature cache: off: {err}")
             return plain
         finally:
