@@ -297,23 +297,24 @@ class _StopsInLora:
         return lambda *args, **kwargs: None
 
 
-def test_a_lora_run_resumes_with_its_adapters_and_ends_where_an_uninterrupted_one_does(tmp_path):
+def _writing(folder, stages, reporter=None):
+    """A trainer of `stages` on the digits task that writes its run folder to folder/run."""
     made = tiny_task.data()
     (tx, ty), (vx, vy) = made["train"], made["val"]
+    config = FitConfig(
+        data=DataConfig(batch_size=32),
+        stages=stages,
+        run=RunConfig(patience=5, precision="fp32", output=str(folder / "run"), tensorboard=False),
+    )
+    data = PreparedData(tx, ty, vx, vy, made["label_names"], origin="digits")
+    return Trainer(config, reporter, ModelSource("py:test", _sequential(), torch.zeros(2, 64), True), data)
 
-    def trainer(reporter=None):
-        config = FitConfig(
-            data=DataConfig(batch_size=32),
-            stages=STAGES,
-            run=RunConfig(patience=5, precision="fp32", output=str(tmp_path / "run"), tensorboard=False),
-        )
-        data = PreparedData(tx, ty, vx, vy, made["label_names"], origin="digits")
-        return Trainer(config, reporter, ModelSource("py:test", _sequential(), torch.zeros(2, 64), True), data)
 
+def test_a_lora_run_resumes_with_its_adapters_and_ends_where_an_uninterrupted_one_does(tmp_path):
     uninterrupted, _ = _fit("auto")
     with pytest.raises(_Interrupt):
-        trainer(_StopsInLora()).fit(overwrite=True)
-    resumed = trainer()
+        _writing(tmp_path, STAGES, _StopsInLora()).fit(overwrite=True)
+    resumed = _writing(tmp_path, STAGES)
     resumed.fit(resume=tmp_path / "run")
     assert resumed.adapters.modules == ("5",)
     for (name, p), q in zip(resumed.model.named_parameters(), uninterrupted.model.parameters(), strict=True):
@@ -329,27 +330,16 @@ def test_a_target_that_names_a_parent_module_plans_as_it_was_added():
 
 
 def test_resuming_with_other_adapters_is_refused_before_anything_loads(tmp_path):
-    made = tiny_task.data()
-    (tx, ty), (vx, vy) = made["train"], made["val"]
-
-    def trainer(stages, reporter=None):
-        config = FitConfig(
-            data=DataConfig(batch_size=32),
-            stages=stages,
-            run=RunConfig(patience=5, precision="fp32", output=str(tmp_path / "run"), tensorboard=False),
-        )
-        data = PreparedData(tx, ty, vx, vy, made["label_names"], origin="digits")
-        return Trainer(config, reporter, ModelSource("py:test", _sequential(), torch.zeros(2, 64), True), data)
-
     # killed in the lora stage, then resumed with other adapters for a stage not begun yet (safe for any other spec)
     three = [*STAGES, StageConfig(name="more", freeze="lora:r=4,dropout=0,targets=5", epochs=1, lr=1e-3)]
     with pytest.raises(_Interrupt):
-        trainer(three, _StopsInLora()).fit(overwrite=True)
+        _writing(tmp_path, three, _StopsInLora()).fit(overwrite=True)
     other = [*STAGES, StageConfig(name="more", freeze="lora:r=2,dropout=0,targets=5", epochs=1, lr=1e-3)]
     with pytest.raises(ConfigError, match="stages 'lora' and 'more' ask for different LoRA adapters"):
-        trainer(other).fit(resume=tmp_path / "run")
+        _writing(tmp_path, other).fit(resume=tmp_path / "run")
     # a run without adapters, resumed with a lora stage added after it
+    plain = [STAGES[0], StageConfig(name="lora", freeze="head", epochs=3)]
     with pytest.raises(_Interrupt):
-        trainer([STAGES[0], StageConfig(name="lora", freeze="head", epochs=3)], _StopsInLora()).fit(overwrite=True)
+        _writing(tmp_path, plain, _StopsInLora()).fit(overwrite=True)
     with pytest.raises(ConfigError, match="the run's model carries no LoRA adapters, and this config's stages make"):
-        trainer([STAGES[0], StageConfig(name="lora", freeze="head", epochs=3), STAGES[1]]).fit(resume=tmp_path / "run")
+        _writing(tmp_path, [*plain, STAGES[1]]).fit(resume=tmp_path / "run")

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from frostline.batches import Batch, TensorBatches, trim_padding
-from frostline.errors import ConfigError
+from frostline.errors import ConfigError, FrostlineError
 
 
 @dataclass(frozen=True)
@@ -257,6 +257,14 @@ def data_parallel(
     from torch.nn.parallel import DistributedDataParallel
 
     wrapper = _StageForward(modules, forward)
+    inside = {id(p) for p in wrapper.parameters()}
+    outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
+    if outside:
+        # DDP would never sync their gradients, and the processes' copies would drift apart
+        raise FrostlineError(
+            f"{len(outside)} trainable tensors ({', '.join(outside[:3])}) lie outside the modules this stage runs; "
+            "several processes cannot train them: run.cache=off runs the whole model"
+        )
     paths = {module: path for path, module in model.named_modules()}
     ignored = [
         f"{owner}.{name}" if owner else name
