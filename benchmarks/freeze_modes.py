@@ -67,9 +67,9 @@ def main() -> int:
         f"CPU: {_cpu()}; {os.cpu_count()} cores; torch threads: frostline's default.",
         f"Command: `{' '.join(shlex.quote(a) for a in sys.argv)}`",
         "",
-        "| mode | processes | seed | kept epoch (stage) | val accuracy | trainable params (last stage) | epochs run | "
-        "epoch s (head / stage 2) | wall s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| mode | processes | seed | kept epoch (stage) | val accuracy | stage 2's best | trainable params (last stage) | "
+        "epochs run | epoch s (head / stage 2) | wall s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     out.write_text("\n".join(header) + "\n")
     rows = []
@@ -126,6 +126,7 @@ def _run(work: Path, mode: str, seed: int, processes: int, args: argparse.Namesp
         "epoch_seconds": epoch_seconds,
         "kept": f"{kept['epoch']} ({kept['stage']})",
         "accuracy": kept["val_accuracy"],
+        "second": max(r["val_accuracy"] for r in second) if second else None,
         "count": kept["val_count"],
         "trainable": second[0]["trainable_params"] if second else records[0]["trainable_params"],
         "epochs": f"{len(records) - len(second)} + {len(second)}" if second else str(len(records)),
@@ -136,10 +137,11 @@ def _run(work: Path, mode: str, seed: int, processes: int, args: argparse.Namesp
 
 def _row(row: dict) -> str:
     if "error" in row:
-        return f"| {row['mode']} | {row['processes']} | {row['seed']} | error: {row['error']} | | | | | | |"
+        return f"| {row['mode']} | {row['processes']} | {row['seed']} | error: {row['error']} | | | | | | | |"
     epochs = " / ".join(f"{s:.1f}" for s in row["epoch_seconds"])
+    second = f"{row['second']:.2%}" if row["second"] is not None else "-"
     return (
-        f"| {row['mode']} | {row['processes']} | {row['seed']} | {row['kept']} | {row['accuracy']:.2%} | "
+        f"| {row['mode']} | {row['processes']} | {row['seed']} | {row['kept']} | {row['accuracy']:.2%} | {second} | "
         f"{row['trainable']:,d} | {row['epochs']} | {epochs} | {row['wall']:.1f} | {row['rss']:,.0f} |"
     )
 
