@@ -50,7 +50,9 @@ def _net():
 def _data():
     made = tiny_task.data()
     (tx, ty), (vx, vy) = made["train"], made["val"]
-    return PreparedData(tx, ty, vx, vy, made["label_names"], origin="digits")
+    # 1,199 training examples: each epoch's last global batch (15 of 32) splits 7 / 8, so the shards' loss weights
+    # matter (with equal shards a plain average of their means would pass too)
+    return PreparedData(tx[:1199], ty[:1199], vx, vy, made["label_names"], origin="digits")
 
 
 STAGES = [
@@ -121,9 +123,10 @@ def _one_process(batch, folder=None, cache="auto", resume=None):
 
 
 # Tolerance: the processes' gradients are the same sums in another order (each shard's mean, weighted, then DDP's
-# all-reduce), so the two runs differ by float32 rounding, about 1e-7 relative per step; 12 epochs of AdamW steps
-# (which divide by the root of small second moments) grow it to the 1e-6 seen here, well inside 1e-4.
-TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+# all-reduce), so the runs differ by float32 rounding, carried through 12 epochs of AdamW steps. Measured: at most
+# 1.2e-07 apart (cache on and off), where training moved weights by up to 0.57; atol 1e-6 leaves 8x of margin, and
+# the test fails when the shards' losses are averaged unweighted (the last batch's 7 / 8 split then counts wrong).
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}
 
 
 @pytest.mark.parametrize("cache", ["auto", "off"])
