@@ -156,6 +156,7 @@ def choose_precision(
     batch: Any,
     announce: Callable[[str], None] | None = None,
     measure: bool = True,
+    not_timed: str = "other work was using the CPU, and timings would mislead",
 ) -> tuple[Runtime, dict[str, Any]]:
     """The runtime with the precision that timing chose (from the cache when this machine measured this model
     before), and the record of it for the run folder; `announce` hears a line before a measurement starts. With
@@ -170,7 +171,7 @@ def choose_precision(
             timing = Timing(**entries[key])
     cached = timing is not None
     if timing is None and not measure:
-        reason = f"{runtime.reason} (not timed: other work was using the CPU, and timings would mislead)"
+        reason = f"{runtime.reason} (not timed: {not_timed})"
         return Runtime(runtime.device, runtime.precision, reason), {"precision": runtime.precision, "reason": reason}
     if timing is None:
         if announce is not None:

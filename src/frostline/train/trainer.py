@@ -234,6 +234,9 @@ class Trainer:
                 announce=self.reporter.note,
                 # the other processes are loading or waiting meanwhile: only a timing cached before decides
                 measure=timed and self.group is None,
+                not_timed="the run's other processes share this machine, and timings would mislead"
+                if self.group is not None
+                else "other work was using the CPU, and timings would mislead",
             )
         # every process trains in the precision rank 0 chose (timings differ between processes)
         precision, reason, self.runtime_record = distributed.broadcast(
