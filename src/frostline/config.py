@@ -130,7 +130,8 @@ class StageConfig:
     name: str = "head"
     """A name for logs and plots."""
     freeze: str = "head"
-    """Freeze spec: head, last:N, from:PATH, none, bitfit, train=..., freeze=... (see frostline inspect --freeze)."""
+    """Freeze spec: head, last:N, from:PATH, none, bitfit, train=..., freeze=..., lora:... (see frostline inspect
+    --freeze)."""
     epochs: int = 3
     """Most epochs this stage runs; early stopping may end it sooner."""
     lr: float = 1e-3

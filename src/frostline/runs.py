@@ -173,7 +173,8 @@ def _is_lora(text: str) -> bool:
 
 
 def load_run(folder: str | Path, trust_code: bool = False) -> TrainedRun:
-    """Rebuild the model of a run and load its best weights (best.safetensors), verified against their SHA-256.
+    """Rebuild the model of a run (with the LoRA adapters head.json records) and load its best weights
+    (best.safetensors), verified against their SHA-256.
 
     Args:
         folder: a run folder written by `frostline fit`.
