@@ -12,6 +12,7 @@ out of what is saved is lost; here the head trains in full and is saved with eve
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from torch import nn
 from frostline.batches import Batch
 from frostline.errors import ConfigError, FreezeSpecError
 from frostline.freeze_spec import FreezeSpec
-from frostline.inspect import ModelMap, inspect_model
+from frostline.inspect import ModelMap, inspect_model, is_under
 
 _ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 """Layer types peft's LoRA adapts (and transformers' GPT-2 style `Conv1D`, recognised by name)."""
@@ -96,7 +97,7 @@ def recipe_lora(stages: Sequence[Any]) -> FreezeSpec | None:
 
 def _settings(spec: FreezeSpec) -> str:
     """The adapter part of a lora spec (without bn=)."""
-    return str(FreezeSpec(mode="lora", r=spec.r, alpha=spec.alpha, dropout=spec.dropout, globs=spec.globs))
+    return str(dataclasses.replace(spec, bn="eval"))
 
 
 def adapt_and_map(
@@ -162,11 +163,11 @@ def _targets(model: nn.Module, model_map: ModelMap, globs: tuple[str, ...]) -> t
     """The paths of the modules to adapt, and how they were chosen."""
     head = model_map.head
     modules = {p: m for p, m in model.named_modules() if p and _adaptable(m)}
-    outside_head = {p: m for p, m in modules.items() if not _under(p, head)}
+    outside_head = {p: m for p, m in modules.items() if not is_under(p, head)}
     if globs:
         return _named_targets(model, modules, head, globs), "targets=" + ",".join(globs)
     blocks = [b.path for b in model_map.blocks]
-    inside = {p: m for p, m in outside_head.items() if any(_under(p, b) for b in blocks)} or outside_head
+    inside = {p: m for p, m in outside_head.items() if any(is_under(p, b) for b in blocks)} or outside_head
     where = f"in {len(blocks)} blocks" if blocks else "outside the head"
     model_type = _model_type(model)
     namings = []
@@ -197,13 +198,13 @@ def _named_targets(model: nn.Module, modules: dict[str, nn.Module], head: str, g
     all_paths = [p for p, _ in model.named_modules() if p]
     for glob in globs:
         named = [p for p in all_paths if _names(glob, p)]
-        hits = [p for p in modules if any(_under(p, n) for n in named)]
+        hits = [p for p in modules if any(is_under(p, n) for n in named)]
         if not hits:
             close = difflib.get_close_matches(glob, sorted({p.rsplit(".", 1)[-1] for p in modules}) + all_paths, n=3)
             hint = f"closest: {', '.join(close)}" if close else f"adaptable layers: {', '.join(list(modules)[:8])}"
             problems.append(f"lora: targets={glob} names no layer peft can adapt (Linear, Conv, Embedding); {hint}")
         chosen.update(dict.fromkeys(hits))
-    in_head = [p for p in chosen if _under(p, head)]
+    in_head = [p for p in chosen if is_under(p, head)]
     if in_head:
         problems.append(
             f"lora: targets name the head ({', '.join(in_head[:3])}), which trains in full beside the adapters; "
@@ -217,10 +218,6 @@ def _named_targets(model: nn.Module, modules: dict[str, nn.Module], head: str, g
 def _names(glob: str, path: str) -> bool:
     """Whether a targets pattern names the module at `path`: its whole path, or its path's end (query, layer.5.*)."""
     return fnmatchcase(path, glob) or fnmatchcase(path, "*." + glob)
-
-
-def _under(path: str, prefix: str) -> bool:
-    return path == prefix or path.startswith(prefix + ".")
 
 
 def _model_type(model: nn.Module) -> str | None:
@@ -263,7 +260,7 @@ def check_adapters(model: nn.Module, spec: FreezeSpec) -> None:
             break
     paths = [p for p, _ in model.named_modules() if p]
     # a pattern may name a module whose layers carry the adapters (targets=attention)
-    missed = [g for g in spec.globs if not any(_under(c, p) for p in paths if _names(g, p) for c in carried)]
+    missed = [g for g in spec.globs if not any(is_under(c, p) for p in paths if _names(g, p) for c in carried)]
     if missed:
         problems.append(f"targets {', '.join(missed)} match none of the modules that carry adapters")
     if problems:

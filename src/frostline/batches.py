@@ -51,6 +51,16 @@ def batch_to(batch: Batch, device: torch.device | str) -> Batch:
     return batch.to(device, non_blocking=True)
 
 
+def batch_len(batch: Batch) -> int:
+    """How many examples a batch holds (a tensor, or a dict of tensors of one length)."""
+    return len(next(iter(batch.values()))) if isinstance(batch, Mapping) else len(batch)
+
+
+def take(batch: Batch, index: torch.Tensor | slice) -> Batch:
+    """The examples of a batch at `index` (indices or a slice), every tensor of a dict alike."""
+    return {k: v[index] for k, v in batch.items()} if isinstance(batch, Mapping) else batch[index]
+
+
 def trim_padding(batch: Batch) -> Batch:
     """A token batch without the trailing positions (and windows) that are padding in every one of its examples.
 
@@ -106,9 +116,7 @@ class TensorBatches:
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         for start in range(0, n, self.batch_size):
             idx = order[start : start + self.batch_size]
-            inputs = (
-                {k: v[idx] for k, v in self.inputs.items()} if isinstance(self.inputs, Mapping) else self.inputs[idx]
-            )
+            inputs = take(self.inputs, idx)
             if self.transform is not None:
                 inputs = self.transform(inputs, self.generator)
             yield trim_padding(inputs), self.labels[idx]

@@ -24,7 +24,7 @@ from frostline.adapters import check_adapters, is_adapter
 from frostline.batches import Batch
 from frostline.errors import FreezeSpecError
 from frostline.freeze_spec import BnPolicy, FreezeSpec
-from frostline.inspect import MapEntry, ModelMap, inspect_model
+from frostline.inspect import MapEntry, ModelMap, inspect_model, is_under
 
 
 @dataclass(frozen=True)
@@ -266,7 +266,7 @@ def _held_modules(model: nn.Module, model_map: ModelMap, trainable: set[str], bn
     order = list(model_map.call_order)
     # the first module to run inside the entry: a ModuleList entry never runs itself, its children do
     boundary = next(
-        (i for i, p in enumerate(order) if first_trainable is not None and _under(p, first_trainable)), None
+        (i for i, p in enumerate(order) if first_trainable is not None and is_under(p, first_trainable)), None
     )
     if boundary is not None:
         for path in order[:boundary]:
@@ -359,9 +359,9 @@ def _start_of_last(n: int, called: list[MapEntry], model_map: ModelMap) -> int:
 
 def _start_of(path: str, called: list[MapEntry], model_map: ModelMap) -> int:
     for i, entry in enumerate(called):
-        if _under(entry.path, path):
+        if is_under(entry.path, path):
             return i
-    never = [e.path for e in model_map.entries if not e.called and _under(e.path, path)]
+    never = [e.path for e in model_map.entries if not e.called and is_under(e.path, path)]
     if never:
         raise FreezeSpecError(
             f"from:{path} names {_listed(never)}, which never ran in the example forward pass, so it has no place "
@@ -371,11 +371,6 @@ def _start_of(path: str, called: list[MapEntry], model_map: ModelMap) -> int:
     close = difflib.get_close_matches(path, paths, n=3, cutoff=0.5)
     hint = f"did you mean {' or '.join(close)}?" if close else "the entries are " + ", ".join(paths[:12])
     raise FreezeSpecError(f"from:{path} names no entry of the model map; {hint}")
-
-
-def _under(path: str, prefix: str) -> bool:
-    """Whether `path` is `prefix` or a module inside it."""
-    return path == prefix or path.startswith(prefix + ".")
 
 
 def _listed(paths: list[str], limit: int = 12) -> str:

@@ -325,6 +325,11 @@ def _units(model: nn.Module, blocks: set[str], head: str) -> list[str]:
     return units
 
 
+def is_under(path: str, prefix: str) -> bool:
+    """Whether the module path `path` is `prefix` or a module inside it."""
+    return path == prefix or path.startswith(prefix + ".")
+
+
 def is_norm_module(module: nn.Module | None) -> bool:
     """Whether `module` is a normalisation layer (LayerNorm, BatchNorm, GroupNorm, RMSNorm, or named *Norm*)."""
     if module is None:

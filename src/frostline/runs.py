@@ -135,7 +135,7 @@ def _read_json(path: Path, what: str) -> Any:
         raise ConfigError(f"{path} ({what}) is damaged: {err}") from err
 
 
-def _read_head(folder: Path) -> dict[str, Any]:
+def read_head(folder: Path) -> dict[str, Any]:
     """head.json, checked: a list of distinct label names and a class count that agrees with it.
 
     Raises:
@@ -190,7 +190,7 @@ def load_run(folder: str | Path, trust_code: bool = False) -> TrainedRun:
     if missing:
         raise ConfigError(f"{folder} is not a frostline run folder with best weights: {', '.join(missing)} missing")
     config = read_run_config(folder, trust_code)
-    head = _read_head(folder)
+    head = read_head(folder)
     state, note = read_weights(folder, "best.safetensors")
     source = open_model(config.model.ref, num_classes=head["num_classes"])
     if "lora" in head:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from frostline.batches import Batch, TensorBatches, trim_padding
+from frostline.batches import Batch, TensorBatches, batch_len, take, trim_padding
 from frostline.freeze import FreezePlan
 from frostline.inspect import ModelMap
 from frostline.train.runtime import Runtime
@@ -113,10 +113,6 @@ def _by_length(inputs: Batch) -> torch.Tensor | None:
         return None
     lengths = inputs["attention_mask"].ne(0).flatten(1).sum(1)
     return torch.sort(lengths, stable=True).indices
-
-
-def _take(batch: Features, index: torch.Tensor) -> Features:
-    return {k: v[index] for k, v in batch.items()} if isinstance(batch, dict) else batch[index]
 
 
 def _padded_like(captured: Features, batch: Batch) -> Features:
@@ -229,7 +225,7 @@ class FeatureCache:
             return CacheEntry(stored, 0.0, where), []
         unreadable = where
         start = time.perf_counter()
-        n = _count(inputs)
+        n = batch_len(inputs)
         chunks = math.ceil(n / batch_size)
         made = _Placed(n, self.dtype)
         # the later stages' features this pass keeps; one it cannot keep is dropped and left to its own stage's pass
@@ -242,7 +238,7 @@ class FeatureCache:
         with torch.inference_mode(), runtime.autocast():
             for i, begin in enumerate(range(0, n, batch_size)):
                 places = order[begin : begin + batch_size]
-                chunk = _take(inputs, places)
+                chunk = take(inputs, places)
                 if transform is not None:
                     chunk = transform(chunk, None)
                 chunk = (
@@ -274,10 +270,6 @@ class FeatureCache:
             self.origin[a.key] = f"kept by the pass for {tail.describe}"
             entries.append((a, CacheEntry(features_a, 0.0, where_a)))
         return CacheEntry(features, seconds, where + unreadable), entries
-
-
-def _count(inputs: Batch) -> int:
-    return len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
 
 
 class _Placed:

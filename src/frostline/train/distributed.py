@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from frostline.batches import Batch, TensorBatches, trim_padding
+from frostline.batches import Batch, TensorBatches, batch_len, take, trim_padding
 from frostline.errors import ConfigError, FrostlineError
 
 
@@ -165,9 +165,8 @@ def shard_inputs(inputs: Batch, group: Group | None) -> Batch:
     """This rank's contiguous part of a set of examples."""
     if group is None:
         return inputs
-    n = len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
-    lo, hi = group.shard(n)
-    return {k: v[lo:hi] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[lo:hi]
+    lo, hi = group.shard(batch_len(inputs))
+    return take(inputs, slice(lo, hi))
 
 
 def shard_batches(batches: TensorBatches, group: Group | None) -> TensorBatches:
@@ -221,8 +220,7 @@ class ShardedBatches:
                 weight = float(world * each[lo:hi].sum() / each.sum())
             if hi == lo:
                 lo, hi = 0, 1
-            part = {k: v[lo:hi] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[lo:hi]
-            yield trim_padding(part), labels[lo:hi], weight
+            yield trim_padding(take(inputs, slice(lo, hi))), labels[lo:hi], weight
 
 
 class _StageForward(nn.Module):
@@ -291,6 +289,12 @@ def first_on_rank0(read: Callable[[], Any], group: Group | None) -> Any:
         return value
     dist.barrier()
     return read()
+
+
+def seed_rank(seed: int, group: Group | None) -> None:
+    """Rank r > 0 draws its own random numbers (dropout masks) from here on; rank 0 keeps the run's generator."""
+    if group is not None and group.rank > 0:
+        torch.manual_seed(seed + 7919 * group.rank)
 
 
 def broadcast_buffers(model: nn.Module, group: Group | None) -> None:

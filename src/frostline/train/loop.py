@@ -128,6 +128,27 @@ class EvalResult:
     correct: torch.Tensor
     """Whether each example was predicted right (bool)."""
 
+    @classmethod
+    def of(
+        cls,
+        losses: torch.Tensor,
+        correct: torch.Tensor,
+        predictions: torch.Tensor,
+        probabilities: torch.Tensor,
+        seconds: float,
+    ) -> EvalResult:
+        """The result of per-example losses, correctness, predictions and probabilities (the means from them)."""
+        seen = max(len(losses), 1)
+        return cls(
+            losses.double().sum().item() / seen,
+            correct.sum().item() / seen,
+            predictions,
+            probabilities,
+            seconds,
+            losses,
+            correct,
+        )
+
 
 @torch.inference_mode()
 def evaluate(
@@ -146,14 +167,6 @@ def evaluate(
             rights.append((predicted == labels).cpu())
             preds.append(predicted.cpu())
             probs.append(logits.softmax(dim=-1).cpu())
-    each, correct = torch.cat(losses), torch.cat(rights)
-    seen = max(len(each), 1)
-    return EvalResult(
-        each.double().sum().item() / seen,
-        correct.sum().item() / seen,
-        torch.cat(preds),
-        torch.cat(probs),
-        time.perf_counter() - start,
-        each,
-        correct,
+    return EvalResult.of(
+        torch.cat(losses), torch.cat(rights), torch.cat(preds), torch.cat(probs), time.perf_counter() - start
     )

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from frostline.batches import batch_len
 from frostline.checkpoint import atomic_write_text
 from frostline.train.runtime import Runtime, cpu_info, eval_mode
 
@@ -113,7 +114,7 @@ def time_passes(forward: Callable[[Any], torch.Tensor], model: nn.Module, batch:
                     break
     for p, grad in grads.items():
         p.grad = grad
-    examples = len(next(iter(batch.values()))) if isinstance(batch, dict) else len(batch)
+    examples = batch_len(batch)
     return Timing(
         statistics.median(times["fp32"]),
         statistics.median(times["bf16"]),

@@ -37,6 +37,7 @@ from frostline.guard import Finding
 from frostline.inspect import ModelMap
 from frostline.optim import adamw, group_rates
 from frostline.recipe import EpochRecord, Recipe, Stage, steps_per_epoch
+from frostline.runs import read_head
 from frostline.sources import ModelSource, open_model
 from frostline.sources.models import open_preprocess, open_tokenizer
 from frostline.sources.sentence import check_windows
@@ -317,9 +318,9 @@ class Trainer:
         # let the processes disagree on what is cached
         folder = self.run_dir if self.group is None else None
         self.cache = FeatureCache(folder, self.config.run.cache_memory_mb, self.cache_dtype)
-        if self.group is not None and self.group.rank > 0 and checkpoint is None:
+        if checkpoint is None:
             # the model was made from the run's seed in every process; from here each draws its own dropout masks
-            torch.manual_seed(self.config.run.seed + 7919 * self.group.rank)
+            distributed.seed_rank(self.config.run.seed, self.group)
         if checkpoint is not None:
             self.history = [EpochRecord.from_dict(r) for r in checkpoint["trainer"]["history"]]
             attach_examples(self.history, checkpoint["examples"])
@@ -360,11 +361,7 @@ class Trainer:
         Raises:
             ConfigError: the config asks for other LoRA adapters (or none, or some where the run had none).
         """
-        path = folder / "head.json"
-        try:
-            recorded = json.loads(path.read_text(encoding="utf-8")).get("lora") if path.is_file() else None
-        except (OSError, ValueError, AttributeError) as err:
-            raise ConfigError(f"{path} is damaged: {err}") from err
+        recorded = read_head(folder).get("lora") if (folder / "head.json").is_file() else None
         now = self.adapters.record() if self.adapters is not None else None
         if recorded != now:
             raise ConfigError(
@@ -393,7 +390,7 @@ class Trainer:
         saved = with_resolved_paths(run_folder.read_run_config(folder, trust_code=True))
         changes = [c for c in config_changes(saved, self.config) if c[0] not in ("run.output", "run.name")]
         begun = position["stage"] + (1 if position["epoch"] > 0 else 0)
-        world = self.group.world if self.group is not None else 1
+        world = self._world
         same_global_batch = saved.data.batch_size * processes == self.config.data.batch_size * world
         moved = processes != world
         unsafe = [
@@ -458,9 +455,8 @@ class Trainer:
             if first_epoch > 0:
                 batches.generator.set_state(checkpoint["rng"]["batches"])
             torch.set_rng_state(checkpoint["rng"]["torch"])
-            if self.group is not None and self.group.rank > 0:
-                # the checkpoint holds rank 0's generator; the other processes draw their own dropout masks
-                torch.manual_seed(self.config.run.seed + 7919 * self.group.rank + len(self.history))
+            # the checkpoint holds rank 0's generator; the other processes draw their own dropout masks
+            distributed.seed_rank(self.config.run.seed + len(self.history), self.group)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         # several processes: DDP over the trainable part, each process on its shard of every global batch
         train_forward = distributed.data_parallel(
@@ -652,20 +648,8 @@ class Trainer:
         the stage engine decides the same in each."""
         if self.group is None:
             return evaluation
-        losses, correct, predictions, probabilities = (
-            distributed.gather(t, self.group)
-            for t in (evaluation.losses, evaluation.correct, evaluation.predictions, evaluation.probabilities)
-        )
-        seen = max(len(losses), 1)
-        return EvalResult(
-            losses.double().sum().item() / seen,
-            correct.sum().item() / seen,
-            predictions,
-            probabilities,
-            evaluation.seconds,
-            losses,
-            correct,
-        )
+        parts = (evaluation.losses, evaluation.correct, evaluation.predictions, evaluation.probabilities)
+        return EvalResult.of(*(distributed.gather(t, self.group) for t in parts), evaluation.seconds)
 
     def _record(self, stage: Stage, epoch: int, result: EpochResult, evaluation: EvalResult, optimizer) -> EpochRecord:
         return stage.record(
