@@ -225,20 +225,24 @@ class Recipe:
         """The most epochs the whole recipe runs (the monitor may end stages sooner)."""
         return sum(stage.epochs for stage in self.stages)
 
-    def check(self, model: nn.Module, model_map: ModelMap) -> None:
+    def check(self, model: nn.Module, model_map: ModelMap) -> list[FreezePlan]:
         """Resolve every stage's freeze spec on the model, so a typo in stage 3 stops the run before stage 1.
+
+        Returns:
+            Each stage's plan, in order (what it would train; nothing is frozen here).
 
         Raises:
             ConfigError: listing each stage whose spec names nothing in this model.
         """
-        problems = []
+        problems, plans = [], []
         for index, stage in enumerate(self.stages):
             try:
-                plan_freeze(model, stage.freeze, model_map)
+                plans.append(plan_freeze(model, stage.freeze, model_map))
             except FreezeSpecError as err:
                 problems.append(f"stages.{index}.freeze ({stage.name!r}) = {stage.freeze!r}: {err}")
         if problems:
             raise ConfigError(problems)
+        return plans
 
     def start(self, index: int, model: nn.Module, model_map: ModelMap, history: Sequence[EpochRecord] = ()) -> Stage:
         """Freeze the model for stage `index` and build its fresh parameter groups (a stage never inherits the

@@ -34,8 +34,19 @@ What your LightningModule must do:
   epoch is the mean of the losses `training_step` returned (`train_loss=NAME` reads a logged metric instead);
 - define `configure_optimizers` (Lightning requires one), returning any optimizer: it is replaced before the first
   step by each stage's AdamW over `stage.groups` (or `optimizer=`) and its schedule, stepped every step;
-- validate once at the end of every epoch (Lightning's default), on one device, and let the recipe stop the run
-  (`max_epochs` at least the recipe's epochs; `min_epochs` unset).
+- validate once at the end of every epoch (Lightning's default), and let the recipe stop the run (`max_epochs` at
+  least the recipe's epochs; `min_epochs` unset).
+
+Several processes (`strategy="ddp"`, or any launcher that starts one process per device: torchrun, SLURM): every
+stage is wrapped in DistributedDataParallel again after its freeze, with the strategy's own settings, so DDP registers
+exactly the tensors the stage trains: frozen ones never reach its reducer, and a tensor a later stage unfreezes is
+synced from that stage on (a wrapper built once, before the freeze, would do neither). Trainable tensors of modules the
+map's example forward never ran are left out by name, so `find_unused_parameters` is not needed. The recipe decides
+the same in every process: the validation loss and accuracy are averaged over the processes (equal to the logged
+values when you log with `sync_dist=True`), the training loss is the mean over all processes' examples, and the
+examples given to `record_validation` are gathered. `ddp_spawn` and `ddp_notebook` are refused: they train in
+processes that hand back only the weights, so the recipe's history and verdict would be lost. Tested: CPU, gloo, two
+processes (`tests/test_distributed_integrations.py`).
 
 Why not `BaseFinetuning`: it adds each unfrozen module as a new group of the optimizer it already has, so the earlier
 groups keep their rates and their AdamW state, and on resume (Lightning issues #6891, #8502, #21901) the groups
@@ -53,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import gc
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -61,11 +73,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 try:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
-    from lightning.pytorch.strategies import SingleDeviceStrategy
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
     from lightning.pytorch.trainer.states import TrainerFn
     from lightning.pytorch.utilities.data import extract_batch_size
     from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -83,6 +96,7 @@ from frostline.guard import Finding, GuardReport
 from frostline.inspect import ModelMap, inspect_model
 from frostline.optim import adamw, group_rates
 from frostline.recipe import EpochRecord, Recipe, Stage, steps_per_epoch
+from frostline.train import distributed
 from frostline.train.evidence import (
     ValidationExamples,
     attach_examples,
@@ -161,6 +175,7 @@ class FrostlineRecipe(Callback):
         self.optimizer: torch.optim.Optimizer | None = None
         self.schedule: torch.optim.lr_scheduler.LRScheduler | None = None
 
+        self._ignored_by_user: list[str] | None = None
         self._model: nn.Module | None = None
         self._model_map: ModelMap | None = None
         self._restored: dict[str, Any] | None = None
@@ -254,7 +269,7 @@ class FrostlineRecipe(Callback):
             self._epoch_metrics(trainer, with_train_loss=False)  # a missing metric is named before the first step
             return
         stage = self.stage
-        examples = join_examples(self._examples)
+        examples = _gathered(join_examples(self._examples))
         record = stage.record(self.history, *self._epoch_metrics(trainer), examples, **self._epoch_extras(trainer))
         self.history.append(record)
         decision = self.recipe.decide(self.history, stage)
@@ -362,8 +377,30 @@ class FrostlineRecipe(Callback):
         rank_zero_info("\n".join(lines))
 
     def _install(self, trainer: pl.Trainer) -> None:
+        """The stage's optimizer and schedule in the trainer, and (several processes) its DDP wrapper."""
         trainer.strategy.optimizers = [self.optimizer]
         trainer.strategy.lr_scheduler_configs = [LRSchedulerConfig(self.schedule, interval="step")]
+        self._wrap(trainer)
+
+    def _wrap(self, trainer: pl.Trainer) -> None:
+        """Several processes: DDP over the LightningModule again, now that the stage's trainable set is fixed.
+
+        The strategy's own `_setup_model` builds it (its device ids and DDP settings) and its communication hooks are
+        registered again. DDP registers only tensors that require grad: the stage's. The wrapper it replaces is
+        released before the next step, so its reducer's gradient hooks go with it.
+        """
+        strategy = trainer.strategy
+        if not isinstance(strategy, DDPStrategy) or not isinstance(strategy.model, DistributedDataParallel):
+            return
+        pl_module = strategy.lightning_module
+        if self._ignored_by_user is None:
+            self._ignored_by_user = list(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []))
+        ignored = distributed.never_run(pl_module, self._model, set(self._model_map.call_order))
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(pl_module, self._ignored_by_user + ignored)
+        strategy.model = pl_module
+        gc.collect()
+        strategy.model = strategy._setup_model(pl_module)
+        strategy._register_ddp_hooks()
 
     def _resume(self, state: dict[str, Any]) -> None:
         """Check that the stages begun are the checkpoint's, and put its best weights and epoch tally back."""
@@ -429,15 +466,17 @@ class FrostlineRecipe(Callback):
                 )
             problems.append(f"logged metrics: {', '.join(logged) or 'none'}")
             raise ConfigError(problems)
+        values = _mean_over_processes(values)
+        loss, seen = distributed.sum_over([float(self._tally["loss"]), self._tally["seen"]], distributed.current())
         if not with_train_loss:
             return math.nan, values["val_loss"], values["val_accuracy"]
         if "train_loss" not in values:
-            if self._tally["seen"] == 0:
+            if seen == 0:
                 raise ConfigError(
                     "the epoch's training loss is the mean of the losses training_step returns, and none came back; "
                     "return the loss from training_step, or name a logged metric with FrostlineRecipe(train_loss=...)"
                 )
-            values["train_loss"] = float(self._tally["loss"]) / self._tally["seen"]
+            values["train_loss"] = loss / seen
         return values["train_loss"], values["val_loss"], values["val_accuracy"]
 
     def _epoch_extras(self, trainer: pl.Trainer) -> dict[str, Any]:
@@ -450,6 +489,24 @@ class FrostlineRecipe(Callback):
             "train_seconds": round(validation - start, 3),
             "eval_seconds": round(now - validation, 3),
         }
+
+
+def _mean_over_processes(values: dict[str, float]) -> dict[str, float]:
+    """Each metric averaged over the processes (unchanged by it when every process logged the same value)."""
+    group = distributed.current()
+    if group is None:
+        return values
+    summed = distributed.sum_over(list(values.values()), group)
+    return {k: v / group.world for k, v in zip(values, summed, strict=True)}
+
+
+def _gathered(examples: ValidationExamples | None) -> ValidationExamples | None:
+    """Every process's validation examples, in rank order (the same order every epoch)."""
+    group = distributed.current()
+    if group is None or examples is None:
+        return examples
+    fields = {k: v for k, v in vars(examples).items() if v is not None}
+    return ValidationExamples(**distributed.gather(fields, group))
 
 
 def _fresh_tally(step: int) -> dict[str, Any]:
@@ -481,11 +538,19 @@ def _as_recipe(
 def _check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     """What the recipe needs of the trainer, every problem at once."""
     problems = []
-    if not isinstance(trainer.strategy, SingleDeviceStrategy):
+    strategy = trainer.strategy
+    data_parallel = isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
+    if not (isinstance(strategy, SingleDeviceStrategy) or data_parallel):
         problems.append(
-            f"strategy {type(trainer.strategy).__name__}: the recipe runs on one device (devices=1); data-parallel "
-            "wrappers register the trainable tensors once, when they wrap the model, and a stage that unfreezes more "
-            "would train them without syncing their gradients"
+            f"strategy {type(strategy).__name__}: the recipe runs on one device or under DDPStrategy; sharded and "
+            "other wrappers fix the trainable tensors when they wrap the model, and a stage that unfreezes more would "
+            "train them out of sync"
+        )
+    elif data_parallel and getattr(strategy, "_start_method", "popen") != "popen":
+        problems.append(
+            f"strategy ddp with start method {strategy._start_method!r} (ddp_spawn, ddp_notebook) trains in processes "
+            "that hand back only the weights, so the recipe's history and verdict would be lost; use strategy='ddp' "
+            "(it runs your script once per device) or start the processes with torchrun"
         )
     if not pl_module.automatic_optimization:
         problems.append(
@@ -508,7 +573,7 @@ def _check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             "stage, made from the stage's groups: return one (it is replaced)"
         )
     min_steps = trainer.fit_loop.epoch_loop.min_steps
-    if trainer.fit_loop.min_epochs > 1 or (min_steps or 0) > 0:
+    if (trainer.fit_loop.min_epochs or 0) > 1 or (min_steps or 0) > 0:
         problems.append(
             f"min_epochs={trainer.fit_loop.min_epochs}, min_steps={min_steps} would keep training after the recipe "
             "ends; leave them unset"

@@ -35,8 +35,15 @@ What the user passes:
   `compute_accuracy` gives the number of examples and the spread of their losses (wider, unpaired errors). The
   training loss of an epoch is the mean of the Trainer's logged `loss` over that epoch's steps (the callback asks the
   Trainer to log at every epoch end).
-- one process: DistributedDataParallel fixes the set of trainable tensors when it wraps the model, and stages
-  change that set, so `world_size > 1` (and DataParallel over several GPUs) is refused.
+- several processes (`torchrun`, `accelerate launch`): the Trainer wraps the model in DistributedDataParallel once,
+  before the first stage, and DDP registers the tensors that require grad at that moment. Every tensor a stage will
+  train must be among them (the default: a loaded model trains everything), or it would train out of sync: the
+  callback checks this when training begins and names any that are not. The Trainer's DDP then runs with
+  `find_unused_parameters` (its default for transformers models without activation checkpointing), which lets each
+  stage's frozen tensors go without a gradient: they keep none, and only their zeros are summed. Tensors that no
+  stage trains can be kept out of DDP altogether by freezing them before `trainer.train()`. Every process records the
+  same history, because the Trainer gathers the evaluation and averages the logged loss over the processes.
+  DataParallel (one process over several GPUs) is refused. Tested: CPU, gloo, two processes.
 - `example_batch` when the train dataset has no length (an `IterableDataset`); otherwise the callback collates a
   few training examples to map the model (`frostline.inspect.inspect_model`).
 
@@ -63,6 +70,7 @@ from frostline.batches import Batch, batch_to
 from frostline.checkpoint import model_tensors
 from frostline.config import StageConfig, load_config
 from frostline.errors import ConfigError
+from frostline.freeze import FreezePlan
 from frostline.inspect import ModelMap, inspect_model
 from frostline.optim import adamw, group_rates
 from frostline.recipe import EpochRecord, Recipe, Stage, steps_per_epoch
@@ -100,7 +108,13 @@ class StageOptimizer(torch.optim.Optimizer):
     passes everything to the optimizer inside: before the first stage it has no parameter groups.
     """
 
-    def __init__(self, recipe_state: Callable[[], dict[str, Any] | None]):
+    def __init__(
+        self,
+        recipe_state: Callable[[], dict[str, Any] | None],
+        make: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] = adamw,
+    ):
+        self.make = make
+        """Makes each stage's optimizer from its parameter groups."""
         self.current: torch.optim.Optimizer | None = None
         """The stage's AdamW (None before the first stage)."""
         self.schedule: LRScheduler | None = None
@@ -110,8 +124,9 @@ class StageOptimizer(torch.optim.Optimizer):
         self._recipe_state = recipe_state
 
     def begin(self, stage: Stage, per_epoch: int) -> torch.optim.Optimizer:
-        """Put a fresh AdamW over the stage's groups, and its schedule, in place of the last stage's."""
-        self.current = adamw(stage.groups)
+        """Put a fresh optimizer (AdamW by default) over the stage's groups, and its schedule, in place of the last
+        stage's."""
+        self.current = self.make(stage.groups)
         self.schedule = stage.schedule(self.current, per_epoch)
         return self.current
 
@@ -196,6 +211,8 @@ class FrostlineCallback(TrainerCallback):
         example_batch: a batch the model accepts, to map it; default a few collated training examples.
         patience: with a list of stages, epochs without a better validation result before a stage ends.
         min_delta: with a list of stages, the smallest rise in validation accuracy that counts as better.
+        optimizer: makes each stage's optimizer from its parameter groups; default `frostline.optim.adamw` (AdamW,
+            fused where supported), as `frostline fit`.
     """
 
     def __init__(
@@ -204,6 +221,7 @@ class FrostlineCallback(TrainerCallback):
         example_batch: Batch | None = None,
         patience: int = 2,
         min_delta: float = 0.0,
+        optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] = adamw,
     ):
         if isinstance(recipe, Recipe):
             self.recipe = recipe
@@ -212,7 +230,7 @@ class FrostlineCallback(TrainerCallback):
         else:
             self.recipe = Recipe(list(recipe), patience=patience, min_delta=min_delta)
         self.example_batch = example_batch
-        self.optimizer = StageOptimizer(self._recipe_state)
+        self.optimizer = StageOptimizer(self._recipe_state, optimizer)
         self.schedule = StageSchedule(self.optimizer)
         self.history: list[EpochRecord] = []
         """One record per epoch, as `frostline fit` writes them to metrics.jsonl."""
@@ -271,12 +289,26 @@ class FrostlineCallback(TrainerCallback):
                 f"num_train_epochs={args.num_train_epochs} does not cover the recipe's {self.epochs} epochs "
                 f"({listing}); pass TrainingArguments(num_train_epochs=callback.epochs)"
             )
-        if args.world_size > 1 or args.n_gpu > 1:
+        if args.n_gpu > 1:
             problems.append(
-                f"FrostlineCallback runs in one process on one device, got world_size={args.world_size}, "
-                f"n_gpu={args.n_gpu}: DistributedDataParallel fixes the trainable tensors when it wraps the model, "
-                "and stages change them; run on one device (CUDA_VISIBLE_DEVICES=0)"
+                f"FrostlineCallback runs one device per process, got n_gpu={args.n_gpu} (DataParallel): start one "
+                "process per GPU with torchrun --nproc-per-node N, or run on one (CUDA_VISIBLE_DEVICES=0)"
             )
+        if args.world_size > 1:
+            checkpointing = any(
+                getattr(args, name, False) for name in ("activation_checkpointing", "gradient_checkpointing")
+            )
+            if args.ddp_find_unused_parameters is False or (args.ddp_find_unused_parameters is None and checkpointing):
+                problems.append(
+                    f"ddp_find_unused_parameters={args.ddp_find_unused_parameters}"
+                    f"{' with activation checkpointing' if checkpointing else ''}: each stage leaves the tensors it "
+                    "freezes without a gradient, and DDP (built once, before the first stage) must be allowed to "
+                    "find them; pass TrainingArguments(ddp_find_unused_parameters=True)"
+                )
+            if args.ddp_static_graph:
+                problems.append(
+                    "ddp_static_graph=True: the set of tensors that train changes at every stage; leave it unset"
+                )
         if problems:
             raise ConfigError(problems)
 
@@ -308,7 +340,9 @@ class FrostlineCallback(TrainerCallback):
         batch = self.example_batch if self.example_batch is not None else _example_batch(loader, args)
         device = next(model.parameters()).device
         self.model_map = inspect_model(model, batch_to(batch, device))
-        self.recipe.check(model, self.model_map)
+        plans = self.recipe.check(model, self.model_map)
+        if args.world_size > 1:
+            _check_registered(model, plans)
         pending, self.optimizer.pending = self.optimizer.pending, None
         if state.global_step > 0:
             self._resume(pending, state)
@@ -465,6 +499,31 @@ class FrostlineCallback(TrainerCallback):
         else:
             self._next = place["stage"] + 1
         logger.info("resumed at epoch %d, stage %d", len(self.history) + 1, self._next or place["stage"] + 1)
+
+
+def _check_registered(model: nn.Module, plans: Sequence[FreezePlan]) -> None:
+    """Several processes: every tensor a stage trains must require grad when training begins, when the Trainer's DDP
+    registered the tensors it syncs; a tensor it left out would train out of sync in each process.
+
+    Raises:
+        ConfigError: naming the tensors a stage trains that DDP does not sync.
+    """
+    trains = set().union(*(plan.trainable for plan in plans))
+    missing = [name for name, param in model.named_parameters() if name in trains and not param.requires_grad]
+    if missing:
+        raise ConfigError(
+            f"{len(missing)} tensors a stage trains ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}) "
+            "did not require grad when the Trainer wrapped the model in DistributedDataParallel, so their gradients "
+            "would never be synced across the processes; leave every tensor the recipe trains trainable before "
+            "trainer.train() (frostline freezes each stage itself)"
+        )
+    frozen_throughout = sum(1 for name, param in model.named_parameters() if param.requires_grad and name not in trains)
+    if frozen_throughout:
+        logger.info(
+            "%d tensors no stage trains are registered with DistributedDataParallel: they get no gradient, and DDP "
+            "sums their zeros at every step; freezing them before trainer.train() keeps them out of it",
+            frozen_throughout,
+        )
 
 
 def _example_batch(loader: Any, args: TrainingArguments) -> Batch:

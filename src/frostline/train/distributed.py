@@ -263,19 +263,30 @@ def data_parallel(
             f"{len(outside)} trainable tensors ({', '.join(outside[:3])}) lie outside the modules this stage runs; "
             "several processes cannot train them: run.cache=off runs the whole model"
         )
+    ignored = never_run(wrapper, model, ran)
+    if ignored:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, ignored)
+    device_ids = [torch.cuda.current_device()] if group.backend == "nccl" else None
+    return DistributedDataParallel(wrapper, device_ids=device_ids)
+
+
+def never_run(root: nn.Module, model: nn.Module, ran: set[str]) -> list[str]:
+    """Names, as `root` (the module DDP wraps) calls them, of `model`'s trainable tensors whose modules the map's
+    forward pass never ran: they get no gradient, so DDP must be told to leave them out rather than wait for one.
+
+    Args:
+        root: the module DDP wraps; it holds `model` (or parts of it).
+        model: the model the map describes.
+        ran: paths of the modules that ran in the map's example forward pass (`ModelMap.call_order`).
+    """
     paths = {module: path for path, module in model.named_modules()}
-    ignored = [
+    return [
         f"{owner}.{name}" if owner else name
-        for owner, module in wrapper.named_modules()
+        for owner, module in root.named_modules()
         if module in paths and paths[module] not in ran
         for name, param in module.named_parameters(recurse=False)
         if param.requires_grad
     ]
-    if ignored:
-        # trainable tensors of modules the forward pass never runs: they get no gradient, and DDP would wait for it
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, ignored)
-    device_ids = [torch.cuda.current_device()] if group.backend == "nccl" else None
-    return DistributedDataParallel(wrapper, device_ids=device_ids)
 
 
 def first_on_rank0(read: Callable[[], Any], group: Group | None) -> Any:
