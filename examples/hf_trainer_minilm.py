@@ -5,6 +5,10 @@ lint, guard, the overfitting verdict, best weights); the Trainer runs the epochs
 
     python examples/hf_trainer_minilm.py                          # the whole split, the default recipe
     python examples/hf_trainer_minilm.py --limit 200 --max-length 32 --epochs 1,1
+    torchrun --standalone --nproc-per-node 2 examples/hf_trainer_minilm.py --limit 200 --max-length 32 --epochs 1,1
+
+Under torchrun each process trains on its share of every step (the Trainer's DistributedDataParallel; the batch size
+is per process) and the first process prints the result.
 """
 
 from __future__ import annotations
@@ -111,12 +115,13 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": round(seconds, 1),
         "stop_reason": callback.stop_reason,
     }
-    for record in callback.history:
-        print(
-            f"epoch {record.epoch} {record.stage}: train loss {record.train_loss:.4f}  val loss {record.val_loss:.4f}  "
-            f"val acc {100 * record.val_accuracy:.2f}%{'  best' if record.best else ''}"
-        )
-    print(json.dumps(summary))
+    if trainer.is_world_process_zero():
+        for record in callback.history:
+            print(
+                f"epoch {record.epoch} {record.stage}: train loss {record.train_loss:.4f}  "
+                f"val loss {record.val_loss:.4f}  val acc {100 * record.val_accuracy:.2f}%{'  best' if record.best else ''}"
+            )
+        print(json.dumps(summary))
     return {**summary, "history": callback.history, "model": model}
 
 

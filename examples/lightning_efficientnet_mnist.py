@@ -7,6 +7,10 @@ unlike `frostline fit`, every epoch runs the whole network, since Lightning has 
 
     python examples/lightning_efficientnet_mnist.py                      # the whole split, the config's recipe
     python examples/lightning_efficientnet_mnist.py --limit 300 --image-size 32 --epochs 1,1 --threads 1
+    python examples/lightning_efficientnet_mnist.py --limit 300 --image-size 32 --epochs 1,1 --threads 1 --devices 2
+
+With `--devices N` Lightning's DDP runs N processes (the script starts the others); the batch size is per process,
+Lightning's sampler gives each process its share of every epoch, and the first process prints the result.
 """
 
 from __future__ import annotations
@@ -99,9 +103,9 @@ class Classifier(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self.net(x).float()
-        # weighted by batch size, so a short last batch counts as much as its examples
-        self.log("val_loss", F.cross_entropy(logits, y), batch_size=len(y))
-        self.log("val_accuracy", (logits.argmax(-1) == y).float().mean(), batch_size=len(y))
+        # weighted by batch size, so a short last batch counts as much as its examples; averaged over the processes
+        self.log("val_loss", F.cross_entropy(logits, y), batch_size=len(y), sync_dist=True)
+        self.log("val_accuracy", (logits.argmax(-1) == y).float().mean(), batch_size=len(y), sync_dist=True)
         if self.recipe is not None:
             self.recipe.record_validation(logits, y)  # the monitor then knows each example: paired comparisons
 
@@ -117,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", default=None, help="epochs per stage, e.g. 8,3 (default: the config's)")
     parser.add_argument("--seed", type=int, default=None, help="seed (default: the config's run.seed)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: run.threads)")
+    parser.add_argument("--devices", type=int, default=1, help="processes, one per device, under DDP (default: 1)")
     args = parser.parse_args(argv)
 
     config = load_config(args.config)
@@ -149,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     cuda = torch.cuda.is_available()
     trainer = L.Trainer(
         accelerator="cuda" if cuda else "cpu",
-        devices=1,
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
         # bf16 autocast where the GPU has it, as frostline fit's precision=auto (fp32 on CPU)
         precision="bf16-mixed" if cuda and torch.cuda.is_bf16_supported() else "32-true",
         max_epochs=recipe.epochs,
@@ -177,12 +183,13 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": round(seconds, 1),
         "stop_reason": recipe.stop_reason,
     }
-    for record in recipe.history:
-        print(
-            f"epoch {record.epoch} {record.stage}: train loss {record.train_loss:.4f}  val loss {record.val_loss:.4f}  "
-            f"val acc {100 * record.val_accuracy:.2f}%{'  best' if record.best else ''}"
-        )
-    print(json.dumps(summary))
+    if trainer.is_global_zero:
+        for record in recipe.history:
+            print(
+                f"epoch {record.epoch} {record.stage}: train loss {record.train_loss:.4f}  "
+                f"val loss {record.val_loss:.4f}  val acc {100 * record.val_accuracy:.2f}%{'  best' if record.best else ''}"
+            )
+        print(json.dumps(summary))
     return {**summary, "history": recipe.history, "model": net, "guard_reports": recipe.guard_reports}
 
 

@@ -41,7 +41,7 @@ def test_the_default_recipe_runs_inside_the_hugging_face_trainer():
     pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the text extra installs it)")
     result = _load("hf_trainer_minilm").main(["--limit", "150", "--max-length", "32", "--epochs", "1,1"])
     assert [r.stage for r in result["history"]] == ["head", "last2"]
-    assert result["stop_reason"] == "every stage done (head: all 1 epochs; last2: all 1 epochs)"
+    assert result["stop_reason"] == "every stage done (head: its 1 epoch; last2: its 1 epoch)"
     assert result["val_accuracy"] > 0.5  # 5 topics
 
 
@@ -64,7 +64,7 @@ def test_the_mnist_recipe_runs_inside_a_lightning_trainer():
     history = result["history"]
 
     assert [r.stage for r in history] == ["head", "last2"]
-    assert result["stop_reason"] == "every stage done (head: all 1 epochs; last2: all 1 epochs)"
+    assert result["stop_reason"] == "every stage done (head: its 1 epoch; last2: its 1 epoch)"
     # 240 training images in batches of 16: the optimizer FrostlineRecipe installed stepped once per batch
     assert [r.steps for r in history] == [15, 15]
     assert [r.trainable_tensors for r in history] == [2, 23]

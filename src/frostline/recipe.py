@@ -328,7 +328,9 @@ class Recipe:
             if records[-1].verdict in ("converged", "plateau", "overfitting") and len(records) < stage.epochs:
                 endings.append(f"{stage.name}: {records[-1].verdict} after {len(records)} of {stage.epochs} epochs")
             else:
-                endings.append(f"{stage.name}: all {len(records)} epochs")
+                endings.append(
+                    f"{stage.name}: all {len(records)} epochs" if len(records) > 1 else f"{stage.name}: its 1 epoch"
+                )
         return endings
 
 

@@ -78,6 +78,9 @@ from frostline.train.evidence import ValidationExamples, attach_examples, exampl
 from frostline.train.monitor import Diagnosis
 
 logger = logging.getLogger(__name__)
+_replicas = logging.getLogger(f"{__name__}.other_processes")
+"""Where processes other than the first log: every process makes the same decisions, and the first says them."""
+_replicas.setLevel(logging.ERROR)
 
 
 def compute_accuracy(eval_pred: Any) -> dict[str, float]:
@@ -254,6 +257,7 @@ class FrostlineCallback(TrainerCallback):
         self._train_seconds = 0.0
         self._trace: dict[str, list[float]] = {}
         self._examples: ValidationExamples | None = None
+        self._log = logger
 
     @property
     def epochs(self) -> int:
@@ -337,12 +341,13 @@ class FrostlineCallback(TrainerCallback):
                 f"{self._per_epoch:,d} steps; leave max_steps unset and pass num_train_epochs=callback.epochs"
             )
         self._model = model = kwargs["model"]
+        self._log = logger if state.is_world_process_zero else _replicas
         batch = self.example_batch if self.example_batch is not None else _example_batch(loader, args)
         device = next(model.parameters()).device
         self.model_map = inspect_model(model, batch_to(batch, device))
         plans = self.recipe.check(model, self.model_map)
         if args.world_size > 1:
-            _check_registered(model, plans)
+            _check_registered(model, plans, self._log)
         pending, self.optimizer.pending = self.optimizer.pending, None
         if state.global_step > 0:
             self._resume(pending, state)
@@ -402,14 +407,14 @@ class FrostlineCallback(TrainerCallback):
         self.history.append(record)
         decision = self.recipe.decide(self.history, stage)
         self.diagnosis = decision.diagnosis
-        logger.info(
+        self._log.info(
             "epoch %d (%s): %s",
             record.epoch,
             stage.config.name,
             decision.diagnosis.message or decision.diagnosis.verdict,
         )
         if decision.note:
-            logger.info("%s", decision.note)
+            self._log.info("%s", decision.note)
         if decision.best:
             self.best_state = model_tensors(self._model)
         if decision.end_stage:
@@ -431,7 +436,7 @@ class FrostlineCallback(TrainerCallback):
         if self.best_state is not None:
             self._model.load_state_dict(self.best_state)
             best = self.history[self.recipe.monitor.best_index(self.history)]
-            logger.info("restored the best weights: epoch %d (%s)", best.epoch, best.stage)
+            self._log.info("restored the best weights: epoch %d (%s)", best.epoch, best.stage)
 
     # ---- stages -------------------------------------------------------------------------------
     def _start(self, index: int, resumed: dict[str, Any] | None = None) -> None:
@@ -444,14 +449,14 @@ class FrostlineCallback(TrainerCallback):
             self.optimizer.schedule.load_state_dict(resumed["frostline"]["schedule"])
         self.stage_plans[stage.config.name] = stage.plan.to_dict()
         self.stage, self._open, self._next = stage, True, None
-        logger.info("stage %d %r: %s", index + 1, stage.config.name, stage.plan.summary())
+        self._log.info("stage %d %r: %s", index + 1, stage.config.name, stage.plan.summary())
         for finding in findings:
-            logger.warning("%s", finding)
+            self._log.warning("%s", finding)
 
     def _finish(self) -> None:
         report = self.stage.finish()
         self._open = False
-        logger.info("stage %r: %s", self.stage.config.name, report.summary())
+        self._log.info("stage %r: %s", self.stage.config.name, report.summary())
 
     def _train_loss(self, state: TrainerState) -> float:
         """The mean of the Trainer's logged loss over the epoch's steps (each log covers the steps since the last)."""
@@ -498,10 +503,10 @@ class FrostlineCallback(TrainerCallback):
             self._start(place["stage"], resumed=pending)
         else:
             self._next = place["stage"] + 1
-        logger.info("resumed at epoch %d, stage %d", len(self.history) + 1, self._next or place["stage"] + 1)
+        self._log.info("resumed at epoch %d, stage %d", len(self.history) + 1, self._next or place["stage"] + 1)
 
 
-def _check_registered(model: nn.Module, plans: Sequence[FreezePlan]) -> None:
+def _check_registered(model: nn.Module, plans: Sequence[FreezePlan], log: logging.Logger) -> None:
     """Several processes: every tensor a stage trains must require grad when training begins, when the Trainer's DDP
     registered the tensors it syncs; a tensor it left out would train out of sync in each process.
 
@@ -519,7 +524,7 @@ def _check_registered(model: nn.Module, plans: Sequence[FreezePlan]) -> None:
         )
     frozen_throughout = sum(1 for name, param in model.named_parameters() if param.requires_grad and name not in trains)
     if frozen_throughout:
-        logger.info(
+        log.info(
             "%d tensors no stage trains are registered with DistributedDataParallel: they get no gradient, and DDP "
             "sums their zeros at every step; freezing them before trainer.train() keeps them out of it",
             frozen_throughout,
