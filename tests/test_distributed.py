@@ -111,6 +111,46 @@ def _worker(rank, world, port, folder, cache, crash_after):
     torch.save({"state": state, "accuracies": accuracies}, folder / f"rank{rank}.pt")
 
 
+class _AuxNet(_Net):
+    """_Net with an auxiliary head that runs only in training: the map's eval-mode forward never runs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux = nn.Linear(48, 10)
+
+    def forward(self, x):
+        features = self.blocks(torch.relu(self.stem(x)))
+        return self.head(features) + (0.1 * self.aux(features) if self.training else 0)
+
+
+def _aux_worker(rank, world, port, folder):
+    from frostline.errors import FrostlineError
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = FitConfig(
+        data=DataConfig(batch_size=BATCH),
+        stages=[StageConfig(name="all", freeze="none", epochs=2, lr=0.1)],
+        run=RunConfig(cache="off", precision="fp32", tensorboard=False),
+    )
+    trainer = Trainer(config, source=ModelSource("py:test", _AuxNet(), torch.zeros(2, 64), True), data=_data())
+    try:
+        trainer.fit(write=False)
+    except FrostlineError as err:
+        (folder / f"aux{rank}.txt").write_text(str(err))
+
+
+def test_a_branch_that_runs_only_in_training_stops_every_process_with_its_name(tmp_path):
+    # the map (eval mode) never runs the auxiliary head, so DDP leaves it out; it would train out of sync
+    mp.spawn(_aux_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+    for rank in (0, 1):
+        said = (tmp_path / f"aux{rank}.txt").read_text()
+        assert "aux.weight" in said and "got gradients in training" in said, said
+
+
 def _two_processes(folder, cache="auto", crash_after=0):
     mp.spawn(_worker, args=(2, _free_port(), folder, cache, crash_after), nprocs=2, join=True)
 

@@ -127,7 +127,21 @@ def _check_against_one_process(ranks, one, prefix=""):
 # ---- Lightning ------------------------------------------------------------------------------------------------------
 
 
-def _lightning_fit(devices, batch, strategy="auto"):
+class _NetWithAux(_Net):
+    """_Net with an auxiliary head that runs only in training (as Inception's): the map's eval-mode forward never
+    runs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux = nn.Linear(48, 10)
+
+    def forward(self, x):
+        features = self.blocks(torch.relu(self.stem(x)))
+        logits = self.head(features)
+        return logits + 0.1 * self.aux(features) if self.training else logits
+
+
+def _lightning_fit(devices, batch, strategy="auto", net=_Net, stages=STAGES, everywhere=True):
     import lightning.pytorch as L
     from torch.utils.data import TensorDataset
 
@@ -138,7 +152,7 @@ def _lightning_fit(devices, batch, strategy="auto"):
     class Digits(L.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = _Net()
+            self.net = net()
             self.example_input_array = torch.zeros(2, 64)
 
         def training_step(self, batch, batch_idx):
@@ -150,7 +164,8 @@ def _lightning_fit(devices, batch, strategy="auto"):
             x, y = batch
             logits = self.net(x)
             self.log("val_loss", F.cross_entropy(logits, y))
-            self.log("val_acc", (logits.argmax(-1) == y).float().mean())
+            if everywhere or self.global_rank == 0:
+                self.log("val_acc", (logits.argmax(-1) == y).float().mean(), rank_zero_only=not everywhere)
             recipe.record_validation(logits, y)
 
         def configure_optimizers(self):
@@ -162,7 +177,7 @@ def _lightning_fit(devices, batch, strategy="auto"):
         def val_dataloader(self):
             return _loader(TensorDataset(vx, vy), 60)
 
-    recipe = FrostlineRecipe(STAGES, model="net", patience=9, restore_best=False, optimizer=_sgd)
+    recipe = FrostlineRecipe(stages, model="net", patience=9, restore_best=False, optimizer=_sgd)
     module = Digits()
     trainer = L.Trainer(
         max_epochs=recipe.epochs,
@@ -211,6 +226,42 @@ def test_lightning_ddp_wraps_each_stage_and_trains_the_weights_of_one_process_wi
     assert all(r[4] == 360 for r in ranks[0]["history"])
     for two, single in zip(ranks[0]["history"], history, strict=True):
         assert two[1:4] == pytest.approx(single[1:4], rel=1e-4)
+
+
+def _lightning_refusal_worker(rank, world, port, folder, case):
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from frostline.errors import FrostlineError
+
+    _torchrun_environment(rank, world, port)
+    # a process left waiting in a collective fails within a minute (the default is half an hour)
+    ddp = DDPStrategy(timeout=timedelta(seconds=60))
+    try:
+        if case == "aux":
+            _lightning_fit(world, BATCH, ddp, net=_NetWithAux, stages=[StageConfig("all", "none", epochs=1, lr=0.1)])
+        else:
+            _lightning_fit(world, BATCH, ddp, everywhere=False)
+    except FrostlineError as err:
+        (folder / f"{case}{rank}.txt").write_text(str(err))
+
+
+@pytest.mark.parametrize(
+    "case, rank0, rank1",
+    [
+        # a branch that runs only in training: left out of DDP by the map, it would train out of sync
+        ("aux", ["net.aux.weight", "got gradients in training"], ["net.aux.weight", "find_unused_parameters=True"]),
+        # a metric logged by rank 0 alone: rank 1 names it, rank 0 stops too instead of waiting in a collective
+        ("rank0-metric", ["another process did not log"], ["val_accuracy", "which was not logged"]),
+    ],
+)
+def test_lightning_ddp_stops_every_process_with_the_reason(tmp_path, case, rank0, rank1):
+    pytest.importorskip("lightning", reason="the lightning extra is not installed (pip install 'frostline[lightning]')")
+    mp.spawn(_lightning_refusal_worker, args=(2, _free_port(), tmp_path, case), nprocs=2, join=True)
+    for rank, expected in ((0, rank0), (1, rank1)):
+        said = (tmp_path / f"{case}{rank}.txt").read_text()
+        assert all(part in said for part in expected), (rank, said)
 
 
 def test_lightning_ddp_spawn_is_refused_with_the_reason():
@@ -331,3 +382,37 @@ def test_transformers_ddp_refuses_a_stage_that_trains_tensors_ddp_does_not_sync(
     for rank in (0, 1):
         message = (tmp_path / f"refused{rank}.txt").read_text()
         assert "blocks.0.0.weight" in message and "did not require grad" in message
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"ddp_find_unused_parameters": False}, "ddp_find_unused_parameters=False"),
+        ({"activation_checkpointing": True}, "with activation checkpointing"),
+        ({"ddp_static_graph": True}, "ddp_static_graph=True"),
+        ({"fsdp": "full_shard"}, "fsdp: the callback runs under DistributedDataParallel only"),
+        ({"n_gpu": 2}, "n_gpu=2 (DataParallel)"),
+    ],
+)
+def test_transformers_ddp_settings_the_recipe_cannot_run_under_are_refused(change, message):
+    pytest.importorskip("transformers", reason="the transformers extra is not installed")
+    from types import SimpleNamespace
+
+    from frostline.errors import ConfigError
+    from frostline.integrations.transformers import FrostlineCallback
+
+    callback = FrostlineCallback(STAGES)
+    args = {
+        "eval_strategy": "epoch",
+        "eval_delay": 0,
+        "max_steps": -1,
+        "num_train_epochs": callback.epochs,
+        "n_gpu": 0,
+        "world_size": 2,
+        "ddp_find_unused_parameters": None,
+        "ddp_static_graph": None,
+        "activation_checkpointing": False,
+    }
+    callback._check_args(SimpleNamespace(**args))  # two processes with the Trainer's defaults: accepted
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        callback._check_args(SimpleNamespace(**{**args, **change}))

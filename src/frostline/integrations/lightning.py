@@ -41,12 +41,15 @@ Several processes (`strategy="ddp"`, or any launcher that starts one process per
 stage is wrapped in DistributedDataParallel again after its freeze, with the strategy's own settings, so DDP registers
 exactly the tensors the stage trains: frozen ones never reach its reducer, and a tensor a later stage unfreezes is
 synced from that stage on (a wrapper built once, before the freeze, would do neither). Trainable tensors of modules the
-map's example forward never ran are left out by name, so `find_unused_parameters` is not needed. The recipe decides
+map's example forward (eval mode) never ran are left out by name, so `find_unused_parameters` is not needed; one that
+gets a gradient at the stage's first step anyway (a branch that runs only in training) stops every process with its
+name (`DDPStrategy(find_unused_parameters=True)` leaves nothing out and syncs it). The recipe decides
 the same in every process: the validation loss and accuracy are averaged over the processes (equal to the logged
 values when you log with `sync_dist=True`), the training loss is the mean over all processes' examples, and the
 examples given to `record_validation` are gathered. `ddp_spawn` and `ddp_notebook` are refused: they train in
-processes that hand back only the weights, so the recipe's history and verdict would be lost. Tested: CPU, gloo, two
-processes (`tests/test_distributed_integrations.py`).
+processes that hand back only the weights, so the recipe's history and verdict would be lost; so is `ddp_comm_state`
+(kept per gradient bucket, and the buckets change at every stage). Tested: CPU, gloo, two processes
+(`tests/test_distributed_integrations.py`).
 
 Why not `BaseFinetuning`: it adds each unfrozen module as a new group of the optimizer it already has, so the earlier
 groups keep their rates and their AdamW state, and on resume (Lightning issues #6891, #8502, #21901) the groups
@@ -176,6 +179,8 @@ class FrostlineRecipe(Callback):
         self.schedule: torch.optim.lr_scheduler.LRScheduler | None = None
 
         self._ignored_by_user: list[str] | None = None
+        self._unsynced: distributed.Unsynced | None = None
+        """Trainable tensors left out of DDP (never run in the map's forward), checked at the stage's first backward."""
         self._model: nn.Module | None = None
         self._model_map: ModelMap | None = None
         self._restored: dict[str, Any] | None = None
@@ -258,6 +263,15 @@ class FrostlineRecipe(Callback):
         self._tally["seen"] += size
         self._awaiting_decision = True
 
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The stage's first backward: a tensor left out of DDP because the map's (eval-mode) forward never ran it
+        must have got no gradient (DDPStrategy(find_unused_parameters=True) leaves nothing out, and syncs it)."""
+        if self._unsynced is None:
+            return
+        unsynced, self._unsynced = self._unsynced, None
+        unsynced.check(distributed.current())
+        unsynced.remove()
+
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._tally["validation"] = time.perf_counter()
         self._examples = []
@@ -326,7 +340,11 @@ class FrostlineRecipe(Callback):
         if self._restored is not None:
             return dict(self._restored)
         tally = dict(self._tally)
-        tally["loss"] = float(tally["loss"])
+        # Lightning saves on every process and writes rank 0's: the tally is the sum over the processes
+        tally["loss"], tally["seen"] = distributed.sum_over(
+            [float(tally["loss"]), float(tally["seen"])], distributed.current()
+        )
+        tally["seen"] = round(tally["seen"])
         tally.pop("start", None)
         tally.pop("validation", None)
         return {
@@ -395,8 +413,15 @@ class FrostlineRecipe(Callback):
         pl_module = strategy.lightning_module
         if self._ignored_by_user is None:
             self._ignored_by_user = list(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []))
-        ignored = distributed.never_run(pl_module, self._model, set(self._model_map.call_order))
+        # DDP that searches for unused tensors needs no list (and must sync a branch that runs only in training)
+        searches = bool(strategy._ddp_kwargs.get("find_unused_parameters"))
+        ignored = [] if searches else distributed.never_run(pl_module, self._model, set(self._model_map.call_order))
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(pl_module, self._ignored_by_user + ignored)
+        if self._unsynced is not None:
+            self._unsynced.remove()
+        self._unsynced = distributed.Unsynced(
+            pl_module, ignored, "run with strategy=DDPStrategy(find_unused_parameters=True), which syncs them"
+        )
         strategy.model = pl_module
         gc.collect()
         strategy.model = strategy._setup_model(pl_module)
@@ -424,6 +449,10 @@ class FrostlineRecipe(Callback):
             best.update(state["best_changed"])
             self.best_state = best
         self._tally = {**_fresh_tally(0), **state["epoch_tally"]}
+        group = distributed.current()
+        if group is not None and group.rank > 0:
+            # the saved tally is every process's: rank 0 carries it, and the sum over the processes counts it once
+            self._tally.update(loss=0.0, seen=0)
         self._awaiting_decision = self._tally["seen"] > 0
 
     def _best_changed(self) -> dict[str, torch.Tensor] | None:
@@ -453,6 +482,13 @@ class FrostlineRecipe(Callback):
                 missing.append((field, candidates))
             else:
                 values[field] = float(metrics[found])
+        elsewhere = _count_over_processes(len(missing)) - len(missing)
+        if elsewhere and not missing:
+            # every process stops here together: a process that went on into the averaging below would wait forever
+            raise ConfigError(
+                "another process did not log a metric the recipe's monitor reads (its error names it); log the "
+                "validation metrics in every process (not rank_zero_only)"
+            )
         if missing:
             logged = sorted(metrics)
             problems = []
@@ -500,11 +536,29 @@ def _mean_over_processes(values: dict[str, float]) -> dict[str, float]:
     return {k: v / group.world for k, v in zip(values, summed, strict=True)}
 
 
-def _gathered(examples: ValidationExamples | None) -> ValidationExamples | None:
-    """Every process's validation examples, in rank order (the same order every epoch)."""
+def _count_over_processes(count: int) -> int:
+    """`count` summed over the processes (itself in one process)."""
     group = distributed.current()
-    if group is None or examples is None:
+    return count if group is None else round(distributed.sum_over([float(count)], group)[0])
+
+
+def _gathered(examples: ValidationExamples | None) -> ValidationExamples | None:
+    """Every process's validation examples, in rank order (the same order every epoch).
+
+    Raises:
+        ConfigError: some processes recorded examples and others none (every process raises it).
+    """
+    group = distributed.current()
+    if group is None:
         return examples
+    recorded = _count_over_processes(int(examples is not None))
+    if recorded == 0:
+        return None
+    if recorded < group.world:
+        raise ConfigError(
+            f"record_validation was called in {recorded} of {group.world} processes; call it in validation_step in "
+            "every process (not rank_zero_only), or in none"
+        )
     fields = {k: v for k, v in vars(examples).items() if v is not None}
     return ValidationExamples(**distributed.gather(fields, group))
 
@@ -545,6 +599,11 @@ def _check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             f"strategy {type(strategy).__name__}: the recipe runs on one device or under DDPStrategy; sharded and "
             "other wrappers fix the trainable tensors when they wrap the model, and a stage that unfreezes more would "
             "train them out of sync"
+        )
+    elif data_parallel and getattr(strategy, "_ddp_comm_state", None) is not None:
+        problems.append(
+            "DDPStrategy(ddp_comm_state=...): a communication hook's state (PowerSGD's error feedback, say) is kept "
+            "per gradient bucket, and the buckets change with every stage's trainable tensors; leave it unset"
         )
     elif data_parallel and getattr(strategy, "_start_method", "popen") != "popen":
         problems.append(

@@ -39,7 +39,8 @@ What the user passes:
   before the first stage, and DDP registers the tensors that require grad at that moment. Every tensor a stage will
   train must be among them (the default: a loaded model trains everything), or it would train out of sync: the
   callback checks this when training begins and names any that are not. The Trainer's DDP then runs with
-  `find_unused_parameters` (its default for transformers models without activation checkpointing), which lets each
+  `find_unused_parameters` (its default for transformers models without activation checkpointing; FSDP, DeepSpeed
+  and `ddp_static_graph` are refused), which lets each
   stage's frozen tensors go without a gradient: they keep none, and only their zeros are summed. Tensors that no
   stage trains can be kept out of DDP altogether by freezing them before `trainer.train()`. Every process records the
   same history, because the Trainer gathers the evaluation and averages the logged loss over the processes.
@@ -298,6 +299,12 @@ class FrostlineCallback(TrainerCallback):
                 f"FrostlineCallback runs one device per process, got n_gpu={args.n_gpu} (DataParallel): start one "
                 "process per GPU with torchrun --nproc-per-node N, or run on one (CUDA_VISIBLE_DEVICES=0)"
             )
+        sharded = [name for name in ("fsdp", "deepspeed", "parallelism_config") if getattr(args, name, None)]
+        if sharded:
+            problems.append(
+                f"{', '.join(sharded)}: the callback runs under DistributedDataParallel only; sharded training fixes "
+                "the trainable tensors when it wraps the model, and stages change them"
+            )
         if args.world_size > 1:
             checkpointing = any(
                 getattr(args, name, False) for name in ("activation_checkpointing", "gradient_checkpointing")
@@ -347,6 +354,15 @@ class FrostlineCallback(TrainerCallback):
         self.model_map = inspect_model(model, batch_to(batch, device))
         plans = self.recipe.check(model, self.model_map)
         if args.world_size > 1:
+            checkpointing = any(
+                getattr(model, name, False) for name in ("is_activation_checkpointing", "is_gradient_checkpointing")
+            )
+            if args.ddp_find_unused_parameters is None and checkpointing:
+                raise ConfigError(
+                    "the model has activation checkpointing on, so the Trainer builds its DDP without "
+                    "find_unused_parameters, and each stage leaves the tensors it freezes without a gradient; pass "
+                    "TrainingArguments(ddp_find_unused_parameters=True)"
+                )
             _check_registered(model, plans, self._log)
         pending, self.optimizer.pending = self.optimizer.pending, None
         if state.global_step > 0:

@@ -267,7 +267,52 @@ def data_parallel(
     if ignored:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, ignored)
     device_ids = [torch.cuda.current_device()] if group.backend == "nccl" else None
-    return DistributedDataParallel(wrapper, device_ids=device_ids)
+    wrapped = DistributedDataParallel(wrapper, device_ids=device_ids)
+    wrapped.unsynced = Unsynced(
+        wrapper, ignored, "freeze them (a freeze spec that leaves them out), or run one process"
+    )
+    return wrapped
+
+
+class Unsynced:
+    """Watches the trainable tensors DDP was told to leave out because the map's example forward (in eval mode) never
+    ran their modules. One that gets a gradient in training (a branch that runs only in training: an auxiliary head,
+    say) trains in each process on its own, out of sync with the others."""
+
+    def __init__(self, root: nn.Module, names: list[str], fix: str):
+        self.names = list(names)
+        self.fix = fix
+        self.hit: set[str] = set()
+        self._handles = [root.get_parameter(name).register_hook(self._record(name)) for name in self.names]
+
+    def _record(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            self.hit.add(name)
+            return grad
+
+        return hook
+
+    def check(self, group: Group | None) -> None:
+        """Every process together: raise when any of them saw a left-out tensor get a gradient.
+
+        Raises:
+            FrostlineError: naming the tensors (in every process, so none waits for the others).
+        """
+        if group is None or not self.names:
+            return
+        hit = sorted(self.hit)
+        if sum_over([float(len(hit))], group)[0]:
+            self.remove()
+            raise FrostlineError(
+                f"{', '.join(hit[:3]) or 'tensors in another process'}: trainable tensors whose modules never ran in "
+                "the model map's example forward (eval mode), so DDP leaves them out, got gradients in training (a "
+                f"branch that runs only in training); each process would train them on its own: {self.fix}"
+            )
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def never_run(root: nn.Module, model: nn.Module, ran: set[str]) -> list[str]:

@@ -490,6 +490,10 @@ class Trainer:
                     + (f"; checkpoint and best weights in {self.run_dir} are from before it" if self.run_dir else "")
                 ) from err
             result = self._summed(result)
+            if self.group is not None and epoch == first_epoch:
+                # a branch that runs only in training shows in the stage's first epoch; then the hooks go
+                train_forward.unsynced.check(self.group)
+                train_forward.unsynced.remove()
             # BatchNorm statistics: each process's last step moved its own; validation reads rank 0's, as DDP does
             distributed.broadcast_buffers(self.model, self.group)
             evaluation = self._gathered(evaluate(forward, val_batches, self.runtime, modules))
