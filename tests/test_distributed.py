@@ -11,7 +11,6 @@ from unittest import mock
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch import nn
 
 import tiny_task
 from frostline.config import DataConfig, FitConfig, RunConfig, StageConfig
@@ -26,26 +25,6 @@ pytestmark = pytest.mark.skipif(
 
 BATCH = 16
 """Per process; the single process runs with 2 x BATCH."""
-
-
-class _Net(nn.Module):
-    """An MLP with blocks, no dropout (the processes' dropout masks could not match one process's), and a trainable
-    module the forward pass never runs (DDP must be told to leave it out, not to search for unused tensors)."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Linear(64, 48)
-        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(48, 48), nn.ReLU()) for _ in range(3)])
-        self.spare = nn.Linear(48, 48)
-        self.head = nn.Linear(48, 10)
-
-    def forward(self, x):
-        return self.head(self.blocks(torch.relu(self.stem(x))))
-
-
-def _net():
-    torch.manual_seed(0)
-    return _Net()
 
 
 def _data():
@@ -99,7 +78,9 @@ def _worker(rank, world, port, folder, cache, crash_after):
     # rank 1 is given a folder of its own: frostline must not write it (rank 0 writes the run folder)
     output = str(folder / ("run" if rank == 0 else "rank1-run"))
     trainer = Trainer(
-        _config(BATCH, output, cache), source=ModelSource("py:test", _net(), torch.zeros(2, 64), True), data=_data()
+        _config(BATCH, output, cache),
+        source=ModelSource("py:test", tiny_task.blocks_net(), torch.zeros(2, 64), True),
+        data=_data(),
     )
     try:
         with mock.patch("frostline.train.trainer.adamw", _sgd):
@@ -111,18 +92,6 @@ def _worker(rank, world, port, folder, cache, crash_after):
     torch.save({"state": state, "accuracies": accuracies}, folder / f"rank{rank}.pt")
 
 
-class _AuxNet(_Net):
-    """_Net with an auxiliary head that runs only in training: the map's eval-mode forward never runs it."""
-
-    def __init__(self):
-        super().__init__()
-        self.aux = nn.Linear(48, 10)
-
-    def forward(self, x):
-        features = self.blocks(torch.relu(self.stem(x)))
-        return self.head(features) + (0.1 * self.aux(features) if self.training else 0)
-
-
 def _aux_worker(rank, world, port, folder):
     from frostline.errors import FrostlineError
 
@@ -130,13 +99,14 @@ def _aux_worker(rank, world, port, folder):
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
-    torch.manual_seed(0)
     config = FitConfig(
         data=DataConfig(batch_size=BATCH),
         stages=[StageConfig(name="all", freeze="none", epochs=2, lr=0.1)],
         run=RunConfig(cache="off", precision="fp32", tensorboard=False),
     )
-    trainer = Trainer(config, source=ModelSource("py:test", _AuxNet(), torch.zeros(2, 64), True), data=_data())
+    trainer = Trainer(
+        config, source=ModelSource("py:test", tiny_task.blocks_net(aux=True), torch.zeros(2, 64), True), data=_data()
+    )
     try:
         trainer.fit(write=False)
     except FrostlineError as err:
@@ -162,7 +132,7 @@ def _sgd(groups):
 def _one_process(batch, folder=None, cache="auto", resume=None):
     trainer = Trainer(
         _config(batch, str(folder) if folder else None, cache),
-        source=ModelSource("py:test", _net(), torch.zeros(2, 64), True),
+        source=ModelSource("py:test", tiny_task.blocks_net(), torch.zeros(2, 64), True),
         data=_data(),
     )
     with mock.patch("frostline.train.trainer.adamw", _sgd):
@@ -193,7 +163,7 @@ def test_two_processes_with_batch_b_train_the_weights_of_one_with_batch_2b(tmp_p
     for name, tensor in one.items():
         torch.testing.assert_close(ranks[0]["state"][name], tensor, **TOLERANCE, msg=name)
     # frozen in every stage: the stem; trainable but never run: the spare block; on every rank, bit-identical
-    original = dict(_net().named_parameters())
+    original = dict(tiny_task.blocks_net().named_parameters())
     for rank in ranks:
         for name in ("stem.weight", "stem.bias", "spare.weight", "spare.bias"):
             assert torch.equal(rank["state"][name], original[name]), name

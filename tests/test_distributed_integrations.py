@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch import nn
 
 import tiny_task
 from frostline.config import StageConfig
@@ -48,22 +47,6 @@ TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}
 
 def _sgd(groups):
     return torch.optim.SGD(groups, momentum=0.9)
-
-
-class _Net(nn.Module):
-    """An MLP with blocks, no dropout (the processes' dropout masks could not match one process's), and a trainable
-    module the forward pass never runs."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem = nn.Linear(64, 48)
-        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(48, 48), nn.ReLU()) for _ in range(3)])
-        self.spare = nn.Linear(48, 48)
-        self.head = nn.Linear(48, 10)
-
-    def forward(self, x):
-        return self.head(self.blocks(torch.relu(self.stem(x))))
 
 
 def _data():
@@ -109,7 +92,7 @@ def _check_against_one_process(ranks, one, prefix=""):
     for name, tensor in ranks[0]["state"].items():
         assert torch.equal(tensor, ranks[1]["state"][name]), name
     assert ranks[0]["history"] == ranks[1]["history"]
-    original = _params(_Net())
+    original = _params(tiny_task.blocks_net())
     moved = max(float((one[prefix + n] - t).abs().max()) for n, t in original.items())
     apart = max(float((ranks[0]["state"][n] - t).abs().max()) for n, t in one.items())
     for name, tensor in one.items():
@@ -127,21 +110,7 @@ def _check_against_one_process(ranks, one, prefix=""):
 # ---- Lightning ------------------------------------------------------------------------------------------------------
 
 
-class _NetWithAux(_Net):
-    """_Net with an auxiliary head that runs only in training (as Inception's): the map's eval-mode forward never
-    runs it."""
-
-    def __init__(self):
-        super().__init__()
-        self.aux = nn.Linear(48, 10)
-
-    def forward(self, x):
-        features = self.blocks(torch.relu(self.stem(x)))
-        logits = self.head(features)
-        return logits + 0.1 * self.aux(features) if self.training else logits
-
-
-def _lightning_fit(devices, batch, strategy="auto", net=_Net, stages=STAGES, everywhere=True):
+def _lightning_fit(devices, batch, strategy="auto", net=tiny_task.blocks_net, stages=STAGES, everywhere=True):
     import lightning.pytorch as L
     from torch.utils.data import TensorDataset
 
@@ -240,7 +209,13 @@ def _lightning_refusal_worker(rank, world, port, folder, case):
     ddp = DDPStrategy(timeout=timedelta(seconds=60))
     try:
         if case == "aux":
-            _lightning_fit(world, BATCH, ddp, net=_NetWithAux, stages=[StageConfig("all", "none", epochs=1, lr=0.1)])
+            _lightning_fit(
+                world,
+                BATCH,
+                ddp,
+                net=lambda: tiny_task.blocks_net(aux=True),
+                stages=[StageConfig("all", "none", epochs=1, lr=0.1)],
+            )
         else:
             _lightning_fit(world, BATCH, ddp, everywhere=False)
     except FrostlineError as err:
@@ -280,8 +255,8 @@ def test_lightning_ddp_spawn_is_refused_with_the_reason():
 # ---- transformers ---------------------------------------------------------------------------------------------------
 
 
-class _Classifier(_Net):
-    """_Net with the Trainer's interface: keyword inputs, a loss when labels come."""
+class _Classifier(tiny_task.BlocksNet):
+    """tiny_task.BlocksNet with the Trainer's interface: keyword inputs, a loss when labels come."""
 
     def forward(self, x, labels=None):
         logits = super().forward(x)
@@ -305,6 +280,7 @@ def _transformers_fit(folder, batch, **more):
     from frostline.integrations.transformers import FrostlineCallback
 
     (tx, ty), (vx, vy) = _data()
+    torch.manual_seed(0)
     model = _Classifier()
     callback = FrostlineCallback(STAGES, example_batch={"x": torch.zeros(2, 64)}, patience=9, optimizer=_sgd)
     args = TrainingArguments(
