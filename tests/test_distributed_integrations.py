@@ -197,7 +197,7 @@ def test_lightning_ddp_wraps_each_stage_and_trains_the_weights_of_one_process_wi
         assert two[1:4] == pytest.approx(single[1:4], rel=1e-4)
 
 
-def _lightning_refusal_worker(rank, world, port, folder, case):
+def _lightning_refusal_worker(rank, world, port, folder):
     from datetime import timedelta
 
     from lightning.pytorch.strategies import DDPStrategy
@@ -205,38 +205,34 @@ def _lightning_refusal_worker(rank, world, port, folder, case):
     from frostline.errors import FrostlineError
 
     _torchrun_environment(rank, world, port)
-    # a process left waiting in a collective fails within a minute (the default is half an hour)
-    ddp = DDPStrategy(timeout=timedelta(seconds=60))
-    try:
-        if case == "aux":
-            _lightning_fit(
-                world,
-                BATCH,
-                ddp,
-                net=lambda: tiny_task.blocks_net(aux=True),
-                stages=[StageConfig("all", "none", epochs=1, lr=0.1)],
-            )
-        else:
-            _lightning_fit(world, BATCH, ddp, everywhere=False)
-    except FrostlineError as err:
-        (folder / f"{case}{rank}.txt").write_text(str(err))
+    cases = {
+        "aux": lambda ddp: _lightning_fit(
+            world, BATCH, ddp, net=lambda: tiny_task.blocks_net(aux=True), stages=[StageConfig("all", "none", epochs=1)]
+        ),
+        "rank0-metric": lambda ddp: _lightning_fit(world, BATCH, ddp, everywhere=False),
+    }
+    for case, fit in cases.items():
+        try:
+            # a process left waiting in a collective fails within a minute (the default is half an hour)
+            fit(DDPStrategy(timeout=timedelta(seconds=60)))
+        except FrostlineError as err:
+            (folder / f"{case}{rank}.txt").write_text(str(err))
 
 
-@pytest.mark.parametrize(
-    "case, rank0, rank1",
-    [
-        # a branch that runs only in training: left out of DDP by the map, it would train out of sync
-        ("aux", ["net.aux.weight", "got gradients in training"], ["net.aux.weight", "find_unused_parameters=True"]),
-        # a metric logged by rank 0 alone: rank 1 names it, rank 0 stops too instead of waiting in a collective
-        ("rank0-metric", ["another process did not log"], ["val_accuracy", "which was not logged"]),
-    ],
-)
-def test_lightning_ddp_stops_every_process_with_the_reason(tmp_path, case, rank0, rank1):
+def test_lightning_ddp_stops_every_process_with_the_reason(tmp_path):
     pytest.importorskip("lightning", reason="the lightning extra is not installed (pip install 'frostline[lightning]')")
-    mp.spawn(_lightning_refusal_worker, args=(2, _free_port(), tmp_path, case), nprocs=2, join=True)
-    for rank, expected in ((0, rank0), (1, rank1)):
-        said = (tmp_path / f"{case}{rank}.txt").read_text()
-        assert all(part in said for part in expected), (rank, said)
+    # both cases in the same two processes, one after the other
+    mp.spawn(_lightning_refusal_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+    expected = {
+        # a branch that runs only in training: left out of DDP by the map, it would train out of sync
+        "aux": (["net.aux.weight", "got gradients in training"], ["net.aux.weight", "find_unused_parameters=True"]),
+        # a metric logged by rank 0 alone: rank 1 names it, rank 0 stops too instead of waiting in a collective
+        "rank0-metric": (["another process did not log"], ["val_accuracy", "which was not logged"]),
+    }
+    for case, per_rank in expected.items():
+        for rank, parts in enumerate(per_rank):
+            said = (tmp_path / f"{case}{rank}.txt").read_text()
+            assert all(part in said for part in parts), (case, rank, said)
 
 
 def test_lightning_ddp_spawn_is_refused_with_the_reason():
@@ -312,12 +308,30 @@ def _transformers_fit(folder, batch, **more):
 
 def _transformers_worker(rank, world, port, folder):
     _torchrun_environment(rank, world, port)
+    import transformers
+
+    from frostline.errors import ConfigError
+
     state, history, callback = _transformers_fit(folder / f"out{rank}", BATCH)
-    # the best epoch's weights are restored at the end: the same epoch in both processes
     torch.save({"state": state, "history": history}, folder / f"transformers{rank}.pt")
 
+    # then, in the same processes, a run whose blocks the user froze before training: DDP will not sync them, and a
+    # stage trains them
+    original = transformers.Trainer.train
 
-def test_transformers_ddp_syncs_every_stage_and_trains_the_weights_of_one_process_with_the_global_batch(tmp_path):
+    def train_with_blocks_frozen(self, *args, **kwargs):
+        for param in self.model.blocks.parameters():
+            param.requires_grad_(False)
+        return original(self, *args, **kwargs)
+
+    transformers.Trainer.train = train_with_blocks_frozen
+    try:
+        _transformers_fit(folder / f"again{rank}", BATCH)
+    except ConfigError as err:
+        (folder / f"refused{rank}.txt").write_text(str(err))
+
+
+def test_transformers_ddp_syncs_every_stage_and_refuses_tensors_ddp_does_not_sync(tmp_path):
     pytest.importorskip("transformers", reason="the transformers extra is not installed")
     pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
     _spawn(_transformers_worker, tmp_path)
@@ -328,33 +342,7 @@ def test_transformers_ddp_syncs_every_stage_and_trains_the_weights_of_one_proces
     assert all(r[4] == 360 for r in ranks[0]["history"])
     for two, single in zip(ranks[0]["history"], history, strict=True):
         assert two[1:4] == pytest.approx(single[1:4], rel=1e-4)
-
-
-def _unregistered_worker(rank, world, port, folder):
-    _torchrun_environment(rank, world, port)
-    import transformers
-
-    from frostline.errors import ConfigError
-
-    original = transformers.Trainer.train
-
-    def train_with_blocks_frozen(self, *args, **kwargs):
-        # the user froze the blocks before training: DDP will not sync them, and a stage trains them
-        for param in self.model.blocks.parameters():
-            param.requires_grad_(False)
-        return original(self, *args, **kwargs)
-
-    transformers.Trainer.train = train_with_blocks_frozen
-    try:
-        _transformers_fit(folder / f"out{rank}", BATCH)
-    except ConfigError as err:
-        (folder / f"refused{rank}.txt").write_text(str(err))
-
-
-def test_transformers_ddp_refuses_a_stage_that_trains_tensors_ddp_does_not_sync(tmp_path):
-    pytest.importorskip("transformers", reason="the transformers extra is not installed")
-    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
-    _spawn(_unregistered_worker, tmp_path)
+    # blocks frozen before trainer.train(), trained by a stage: refused in both processes, by name
     for rank in (0, 1):
         message = (tmp_path / f"refused{rank}.txt").read_text()
         assert "blocks.0.0.weight" in message and "did not require grad" in message
