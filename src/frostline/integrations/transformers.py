@@ -39,12 +39,12 @@ What the user passes:
   before the first stage, and DDP registers the tensors that require grad at that moment. Every tensor a stage will
   train must be among them (the default: a loaded model trains everything), or it would train out of sync: the
   callback checks this when training begins and names any that are not. The Trainer's DDP then runs with
-  `find_unused_parameters` (its default for transformers models without activation checkpointing; FSDP, DeepSpeed
-  and `ddp_static_graph` are refused), which lets each
+  `find_unused_parameters` (its default for transformers models without activation checkpointing), which lets each
   stage's frozen tensors go without a gradient: they keep none, and only their zeros are summed. Tensors that no
   stage trains can be kept out of DDP altogether by freezing them before `trainer.train()`. Every process records the
   same history, because the Trainer gathers the evaluation and averages the logged loss over the processes.
-  DataParallel (one process over several GPUs) is refused. Tested: CPU, gloo, two processes.
+  Refused: DataParallel (one process over several GPUs), FSDP, DeepSpeed and `ddp_static_graph`. Tested: CPU, gloo,
+  two processes.
 - `example_batch` when the train dataset has no length (an `IterableDataset`); otherwise the callback collates a
   few training examples to map the model (`frostline.inspect.inspect_model`).
 
