@@ -110,7 +110,9 @@ def _check_against_one_process(ranks, one, prefix=""):
 # ---- Lightning ------------------------------------------------------------------------------------------------------
 
 
-def _lightning_fit(devices, batch, strategy="auto", net=tiny_task.blocks_net, stages=STAGES, everywhere=True):
+def _lightning_fit(
+    devices, batch, strategy="auto", net=tiny_task.blocks_net, stages=STAGES, everywhere=True, checkpoints=None
+):
     import lightning.pytorch as L
     from torch.utils.data import TensorDataset
 
@@ -154,16 +156,23 @@ def _lightning_fit(devices, batch, strategy="auto", net=tiny_task.blocks_net, st
         devices=devices,
         strategy=strategy,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=checkpoints is not None,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[recipe],
+        callbacks=[recipe] + ([_mid_epoch_checkpoint(checkpoints)] if checkpoints is not None else []),
         use_distributed_sampler=False,
     )
     trainer.fit(module)
     history = [(r.stage, r.train_loss, r.val_loss, r.val_accuracy, r.val_count) for r in recipe.history]
     return _params(module), history
+
+
+def _mid_epoch_checkpoint(folder):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    # the 10th step of the first epoch (of 31)
+    return ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=10, save_top_k=-1)
 
 
 def _loader(dataset, batch):
@@ -180,7 +189,7 @@ def _loader(dataset, batch):
 
 def _lightning_worker(rank, world, port, folder):
     _torchrun_environment(rank, world, port)
-    state, history = _lightning_fit(world, BATCH, strategy="ddp")
+    state, history = _lightning_fit(world, BATCH, strategy="ddp", checkpoints=folder / "checkpoints")
     torch.save({"state": state, "history": history}, folder / f"lightning{rank}.pt")
 
 
@@ -195,6 +204,10 @@ def test_lightning_ddp_wraps_each_stage_and_trains_the_weights_of_one_process_wi
     assert all(r[4] == 360 for r in ranks[0]["history"])
     for two, single in zip(ranks[0]["history"], history, strict=True):
         assert two[1:4] == pytest.approx(single[1:4], rel=1e-4)
+    # a checkpoint taken in the middle of an epoch (written by rank 0) holds the epoch's tally of both processes
+    saved = torch.load(tmp_path / "checkpoints" / "step=10.ckpt", weights_only=False)
+    tally = next(state for key, state in saved["callbacks"].items() if "FrostlineRecipe" in key)["epoch_tally"]
+    assert tally["seen"] == 10 * 2 * BATCH and tally["step"] == 0
 
 
 def _lightning_refusal_worker(rank, world, port, folder):
