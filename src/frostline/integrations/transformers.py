@@ -276,7 +276,7 @@ class FrostlineCallback(TrainerCallback):
         return _metrics(self._examples)
 
     # ---- checks -------------------------------------------------------------------------------
-    def _check_args(self, args: TrainingArguments) -> None:
+    def _check_args(self, args: TrainingArguments, model: nn.Module | None = None) -> None:
         problems = []
         strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
         if strategy != "epoch":
@@ -306,8 +306,12 @@ class FrostlineCallback(TrainerCallback):
                 "the trainable tensors when it wraps the model, and stages change them"
             )
         if args.world_size > 1:
+            # the Trainer builds its DDP without find_unused_parameters when either the arguments or the model turn
+            # activation checkpointing on
             checkpointing = any(
                 getattr(args, name, False) for name in ("activation_checkpointing", "gradient_checkpointing")
+            ) or any(
+                getattr(model, name, False) for name in ("is_activation_checkpointing", "is_gradient_checkpointing")
             )
             if args.ddp_find_unused_parameters is False or (args.ddp_find_unused_parameters is None and checkpointing):
                 problems.append(
@@ -334,11 +338,11 @@ class FrostlineCallback(TrainerCallback):
 
     # ---- events -------------------------------------------------------------------------------
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        self._check_args(args)
+        self._check_args(args, kwargs.get("model"))
         self._check_optimizer(kwargs.get("optimizer"))
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        self._check_args(args)
+        self._check_args(args, kwargs.get("model"))
         self._check_optimizer(kwargs.get("optimizer"))
         loader = kwargs["train_dataloader"]
         self._per_epoch = steps_per_epoch(len(loader), args.gradient_accumulation_steps)
@@ -354,15 +358,6 @@ class FrostlineCallback(TrainerCallback):
         self.model_map = inspect_model(model, batch_to(batch, device))
         plans = self.recipe.check(model, self.model_map)
         if args.world_size > 1:
-            checkpointing = any(
-                getattr(model, name, False) for name in ("is_activation_checkpointing", "is_gradient_checkpointing")
-            )
-            if args.ddp_find_unused_parameters is None and checkpointing:
-                raise ConfigError(
-                    "the model has activation checkpointing on, so the Trainer builds its DDP without "
-                    "find_unused_parameters, and each stage leaves the tensors it freezes without a gradient; pass "
-                    "TrainingArguments(ddp_find_unused_parameters=True)"
-                )
             _check_registered(model, plans, self._log)
         pending, self.optimizer.pending = self.optimizer.pending, None
         if state.global_step > 0:

@@ -241,8 +241,9 @@ def data_parallel(
     model: nn.Module,
     ran: set[str],
     group: Group | None,
-) -> Callable[[Batch], torch.Tensor]:
-    """The stage's forward function under DistributedDataParallel (unchanged for a single process).
+) -> tuple[Callable[[Batch], torch.Tensor], Unsynced | None]:
+    """The stage's forward function under DistributedDataParallel (unchanged for a single process), and the watch on
+    the trainable tensors it leaves out (None for a single process).
 
     Args:
         forward: the stage's forward function over `modules`.
@@ -251,7 +252,7 @@ def data_parallel(
         ran: paths of the modules that ran in the model map's example forward pass.
     """
     if group is None:
-        return forward
+        return forward, None
     from torch.nn.parallel import DistributedDataParallel
 
     wrapper = _StageForward(modules, forward)
@@ -267,11 +268,8 @@ def data_parallel(
     if ignored:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, ignored)
     device_ids = [torch.cuda.current_device()] if group.backend == "nccl" else None
-    wrapped = DistributedDataParallel(wrapper, device_ids=device_ids)
-    wrapped.unsynced = Unsynced(
-        wrapper, ignored, "freeze them (a freeze spec that leaves them out), or run one process"
-    )
-    return wrapped
+    unsynced = Unsynced(wrapper, ignored, "freeze them (a freeze spec that leaves them out), or run one process")
+    return DistributedDataParallel(wrapper, device_ids=device_ids), unsynced
 
 
 class Unsynced:

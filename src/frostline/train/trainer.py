@@ -459,7 +459,7 @@ class Trainer:
             distributed.seed_rank(self.config.run.seed + len(self.history), self.group)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         # several processes: DDP over the trainable part, each process on its shard of every global batch
-        train_forward = distributed.data_parallel(
+        train_forward, unsynced = distributed.data_parallel(
             forward, modules, self.model, set(self.model_map.call_order), self.group
         )
         train_batches = (
@@ -490,10 +490,10 @@ class Trainer:
                     + (f"; checkpoint and best weights in {self.run_dir} are from before it" if self.run_dir else "")
                 ) from err
             result = self._summed(result)
-            if self.group is not None and epoch == first_epoch:
+            if unsynced is not None and epoch == first_epoch:
                 # a branch that runs only in training shows in the stage's first epoch; then the hooks go
-                train_forward.unsynced.check(self.group)
-                train_forward.unsynced.remove()
+                unsynced.check(self.group)
+                unsynced.remove()
             # BatchNorm statistics: each process's last step moved its own; validation reads rank 0's, as DDP does
             distributed.broadcast_buffers(self.model, self.group)
             evaluation = self._gathered(evaluate(forward, val_batches, self.runtime, modules))
